@@ -1,0 +1,152 @@
+"""A :class:`Method` is data: which teacher it needs, which terms it sums, with which weights.
+
+A :class:`Term` names the student output it trains (``student``, a key of the student's output dict, usually
+``"logits"``), the target it compares against (``target``: ``"teacher.<key>"`` for a teacher output or ``"label"``
+for the dataset label), an optional target transform (see :mod:`mentor.targets`), the loss function from
+:mod:`mentor.losses` with its keyword arguments, which items it counts (``"all"``, or ``"labelled"`` for a term that
+needs labels) and its weight schedule. The step's loss is ``sum_i w_i(step) * term_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor
+
+from mentor.data import UNLABELLED
+from mentor.schedules import Constant, Schedule, as_schedule
+
+__all__ = ["Term", "Method", "compute_terms"]
+
+Items = Literal["all", "labelled"]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted loss term.
+
+    Attributes:
+        name: Name in metrics and reports (``"ce"``, ``"kd"``).
+        loss: A function from :mod:`mentor.losses`, called as ``loss(student, target, mask=..., num_items=...,
+            **kwargs)``.
+        student: Key of the student's output dict.
+        target: ``"teacher.<key>"`` or ``"label"``.
+        transform: Optional target transform applied to the target first.
+        kwargs: Keyword arguments of the loss (temperature, ...).
+        items: ``"all"`` or ``"labelled"``: which items of a batch the term covers; it is normalised by the number of
+            such items in the whole (accumulated, all-process) batch.
+        weight: Weight schedule (a number is a constant).
+    """
+
+    name: str
+    loss: Callable[..., Tensor]
+    student: str = "logits"
+    target: str = "teacher.logits"
+    transform: Callable[[Tensor], Tensor] | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    items: Items = "all"
+    weight: Schedule = field(default_factory=lambda: Constant(1.0))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", as_schedule(self.weight))
+        if self.items not in ("all", "labelled"):
+            raise ValueError(f"term {self.name!r}: items must be 'all' or 'labelled', got {self.items!r}")
+        if self.target != "label" and not self.target.startswith("teacher."):
+            raise ValueError(f"term {self.name!r}: target must be 'label' or 'teacher.<key>', got {self.target!r}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.target.startswith("teacher.")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A teacher-student method.
+
+    Attributes:
+        name: The recipe name.
+        terms: The loss terms.
+        generations: Born-again style training: with ``n > 1`` the student of generation ``k`` is the teacher of
+            generation ``k + 1`` (generation 1 learns from the given teacher, or from labels alone if there is none).
+        description: One line for ``mentor recipes``.
+    """
+
+    name: str
+    terms: tuple[Term, ...]
+    generations: int = 1
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise ValueError(f"method {self.name!r} has no loss terms")
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {self.name!r} has duplicate term names {names}")
+        if self.generations < 1:
+            raise ValueError(f"method {self.name!r}: generations must be >= 1, got {self.generations}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.uses_teacher for t in self.terms)
+
+    @property
+    def needs_labels(self) -> bool:
+        return any(t.items == "labelled" for t in self.terms)
+
+    def with_terms(self, *extra: Term) -> Method:
+        """A copy with more terms."""
+        return Method(self.name, self.terms + extra, self.generations, self.description)
+
+
+def term_mask(term: Term, labels: Tensor) -> Tensor | None:
+    """The items a term covers in a batch with ``labels`` (``None``: all)."""
+    return labels != UNLABELLED if term.items == "labelled" else None
+
+
+def compute_terms(
+    method: Method,
+    student: Mapping[str, Tensor],
+    teacher: Mapping[str, Tensor] | None,
+    labels: Tensor,
+    step: int,
+    num_items: Mapping[str, float] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted total loss and each term's unweighted value.
+
+    Args:
+        method: The method.
+        student: Student outputs, e.g. ``{"logits": [B, C]}``.
+        teacher: Teacher outputs (``None`` when the method needs no teacher).
+        labels: ``[B]`` integer labels, :data:`~mentor.data.UNLABELLED` where missing.
+        step: Global optimisation step, for the weight schedules.
+        num_items: Per-term normaliser (items the term covers in the whole accumulated batch); by default each
+            term is a mean over this batch.
+
+    Returns:
+        ``(total, {term name: value})``.
+    """
+    total: Tensor | None = None
+    values: dict[str, Tensor] = {}
+    for term in method.terms:
+        if term.student not in student:
+            raise KeyError(f"term {term.name!r} needs student output {term.student!r}; have {sorted(student)}")
+        if term.target == "label":
+            target = labels
+        else:
+            if teacher is None:
+                raise ValueError(f"term {term.name!r} needs a teacher, but none was given")
+            key = term.target.split(".", 1)[1]
+            if key not in teacher:
+                raise KeyError(f"term {term.name!r} needs teacher output {key!r}; have {sorted(teacher)}")
+            target = teacher[key]
+        if term.transform is not None:
+            target = term.transform(target)
+        n = None if num_items is None else num_items[term.name]
+        value = term.loss(student[term.student], target, mask=term_mask(term, labels), num_items=n, **term.kwargs)
+        values[term.name] = value
+        weighted = float(term.weight(step)) * value
+        total = weighted if total is None else total + weighted
+    assert total is not None
+    return total, values

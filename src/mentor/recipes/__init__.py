@@ -1,0 +1,43 @@
+"""Recipes: one readable file per named method, each a function that returns a :class:`~mentor.method.Method`.
+
+:data:`RECIPES` lists them explicitly; nothing registers itself on import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from mentor.method import Method
+from mentor.recipes.born_again import born_again
+from mentor.recipes.hard_label_kd import hard_label_kd
+from mentor.recipes.hinton_kd import hinton_kd
+from mentor.recipes.ltd import ltd
+from mentor.recipes.supervised import supervised
+from mentor.recipes.transfer_kd import transfer_kd
+
+__all__ = ["RECIPES", "born_again", "hard_label_kd", "hinton_kd", "ltd", "supervised", "transfer_kd", "build_recipe"]
+
+RECIPES: Mapping[str, Callable[..., Method]] = {
+    "supervised": supervised,
+    "hinton_kd": hinton_kd,
+    "transfer_kd": transfer_kd,
+    "hard_label_kd": hard_label_kd,
+    "ltd": ltd,
+    "born_again": born_again,
+}
+
+
+def build_recipe(name: str, args: Mapping[str, object] | None = None) -> Method:
+    """The method of recipe ``name`` with keyword ``args``; a clear error for an unknown name or argument."""
+    import inspect
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(sorted(RECIPES))}")
+    fn = RECIPES[name]
+    params = inspect.signature(fn).parameters
+    for key in args or {}:
+        if key not in params:
+            raise ValueError(
+                f"recipe {name!r} has no argument {key!r}: expected one of {', '.join(params) or '(none)'}"
+            )
+    return fn(**dict(args or {}))

@@ -1,0 +1,118 @@
+"""Schedules: ``f(step) -> float``.
+
+A schedule is any callable from the global optimisation step (0-based) to a float. The classes here are small,
+immutable and comparable, so a :class:`mentor.method.Method` that holds them stays plain data. Loss weights,
+EMA decays and confidence thresholds all take a schedule; a bare number means a constant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Schedule", "Constant", "Linear", "Cosine", "RampUp", "Step", "as_schedule"]
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Anything that maps a step to a float."""
+
+    def __call__(self, step: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class Constant:
+    """``value`` at every step."""
+
+    value: float
+
+    def __call__(self, step: int) -> float:
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Linear from ``start`` to ``end`` over ``steps`` steps, then ``end``."""
+
+    start: float
+    end: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"Linear schedule needs steps > 0, got {self.steps}")
+
+    def __call__(self, step: int) -> float:
+        frac = min(max(step, 0), self.steps) / self.steps
+        return self.start + (self.end - self.start) * frac
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """Half-cosine from ``start`` to ``end`` over ``steps`` steps, then ``end``."""
+
+    start: float
+    end: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"Cosine schedule needs steps > 0, got {self.steps}")
+
+    def __call__(self, step: int) -> float:
+        frac = min(max(step, 0), self.steps) / self.steps
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@dataclass(frozen=True)
+class RampUp:
+    """Sigmoid-shaped ramp ``value * exp(-5 (1 - t)^2)`` over ``steps`` steps (Laine & Aila 2017,
+    https://arxiv.org/abs/1610.02242), then ``value``."""
+
+    value: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"RampUp schedule needs steps >= 0, got {self.steps}")
+
+    def __call__(self, step: int) -> float:
+        if self.steps == 0 or step >= self.steps:
+            return float(self.value)
+        t = max(step, 0) / self.steps
+        return float(self.value) * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Piecewise constant: ``values[i]`` from ``boundaries[i-1]`` (inclusive) to ``boundaries[i]``."""
+
+    boundaries: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.values) != len(self.boundaries) + 1:
+            raise ValueError(
+                f"Step schedule needs len(values) == len(boundaries) + 1, got {len(self.values)} values and "
+                f"{len(self.boundaries)} boundaries"
+            )
+        if list(self.boundaries) != sorted(self.boundaries):
+            raise ValueError(f"Step schedule boundaries must be increasing, got {self.boundaries}")
+
+    def __call__(self, step: int) -> float:
+        for boundary, value in zip(self.boundaries, self.values, strict=False):
+            if step < boundary:
+                return float(value)
+        return float(self.values[-1])
+
+
+def as_schedule(value: float | Schedule) -> Schedule:
+    """A number becomes :class:`Constant`; a schedule is returned as is."""
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number or a schedule, got {value!r}")
+    if isinstance(value, (int, float)):
+        return Constant(float(value))
+    if callable(value):
+        return value
+    raise TypeError(f"expected a number or a schedule (callable step -> float), got {value!r}")

@@ -1,0 +1,560 @@
+"""The loop: one function, :func:`fit`, for every method.
+
+Each optimisation step:
+
+    teacher targets  = teacher.targets(x)                      # no grad, teacher never wrapped or optimised
+    loss             = sum_i w_i(step) * term_i(student(x), targets, labels)
+    optimizer.step(); lr_scheduler.step(); teacher.update(student, step)   # explicit state updates
+
+It runs on HF Accelerate (one process, or DDP/FSDP/DeepSpeed under ``accelerate launch``; CPU or GPU; mixed
+precision where the device has it).
+
+**Batches and exact normalisation.** A *global batch* has ``batch_size * grad_accum * num_processes`` items. Every
+epoch draws a permutation from ``(seed, epoch)``; step ``s`` takes items ``perm[s*G:(s+1)*G]``, split into
+``grad_accum`` micro-batches, each split across processes. Every loss term is divided by the number of items it
+covers in the whole global batch (the ``num_items`` of :mod:`mentor.losses`), not by the micro-batch size, so
+micro-batch 2 x 4 accumulation steps equals micro-batch 8 x 1 step, and 2 processes equal 1 process with the same
+global batch. An incomplete last global batch is dropped.
+
+**Checkpoints and exact resume.** Every ``checkpoint_every`` steps and at the end the loop writes
+``checkpoints/step_<N>/`` (student and teacher state as safetensors, optimiser and scheduler state, RNG states, the
+position in the data) to a temporary folder and renames it, then points ``checkpoints/latest`` at it. ``resume=True``
+continues from ``latest``: data order, dropout RNG and optimiser state continue exactly, so on the CPU the final
+weights equal those of an uninterrupted run bit for bit. Rows of ``metrics.jsonl`` logged after that checkpoint by
+the interrupted run are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mentor.data import UNLABELLED, TensorData, check_data
+from mentor.eval import evaluate
+from mentor.method import Method, compute_terms
+from mentor.teachers import Teacher, as_outputs
+
+__all__ = ["Optim", "FitResult", "NonFiniteLossError", "fit", "build_optimizer", "save_model", "load_model_weights"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step and the term."""
+
+
+@dataclass(frozen=True)
+class Optim:
+    """Optimiser and learning-rate schedule.
+
+    Attributes:
+        name: ``"adamw"``, ``"adam"`` or ``"sgd"``.
+        lr: Peak learning rate (> 0).
+        weight_decay: Decoupled (AdamW) or L2 (SGD, Adam) weight decay (>= 0).
+        momentum: SGD momentum.
+        schedule: ``"constant"``, ``"cosine"`` (to 0 at the last step) or ``"linear"`` (to 0).
+        warmup_steps: Linear warm-up from 0 over this many steps.
+        grad_clip: Clip the global gradient norm to this value (``None``: no clipping).
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optim.name must be one of 'adamw', 'adam', 'sgd', got {self.name!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"optim.schedule must be one of 'constant', 'cosine', 'linear', got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+def build_optimizer(params: Sequence[nn.Parameter], optim: Optim) -> torch.optim.Optimizer:
+    """The optimiser ``optim`` names, over ``params``."""
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    if optim.name == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def _lr_factor(optim: Optim, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(total_steps - optim.warmup_steps, 1)
+        frac = min(max(step - optim.warmup_steps, 0) / span, 1.0)
+        if optim.schedule == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        student: The trained student (unwrapped, on the training device).
+        metrics: Final evaluation metrics (``accuracy``, ``agreement``, ``kl_to_teacher``, ``ece``, ...).
+        history: One dict per logged row (steps and evaluations), as in ``metrics.jsonl``.
+        steps: Optimisation steps taken in total.
+        out: The run directory, if any.
+    """
+
+    student: nn.Module
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    out: Path | None = None
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """Write a model's state dict to ``path`` as safetensors, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load safetensors weights into ``model``; a missing file or a state of another architecture is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file: {err}") from err
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}")
+        if wrong:
+            parts.append(
+                "shape mismatch " + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                                              for k in wrong[:5])
+            )
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit model {type(model).__name__} (another architecture?): "
+            + "; ".join(parts)
+        )
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": repr(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def _write_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    student: nn.Module,
+    teacher: Teacher | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: dict[str, int],
+    keep_last: int,
+) -> Path:
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".tmp-step_{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp / "student.safetensors"))
+    teacher_state = getattr(teacher, "state_dict", None)
+    if callable(teacher_state):
+        save_file({k: v.detach().contiguous().cpu() for k, v in teacher_state().items()}, str(tmp / "teacher.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    save_file(rng, str(tmp / "rng.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({**position, "rng": _rng_state()}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = ckpt_root / "latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, ckpt_root / "latest")
+    kept = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in kept[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read_checkpoint(ckpt_root: Path) -> Path:
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {str(ckpt_root)!r} (expected a 'latest' file)")
+    path = ckpt_root / latest.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"cannot resume: checkpoint {str(path)!r} is incomplete or missing")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+
+
+def _micro_batches(index: Tensor, grad_accum: int, world: int, rank: int) -> list[Tensor]:
+    per = index.shape[0] // (grad_accum * world)
+    return list(index.view(grad_accum, world, per)[:, rank])
+
+
+def _num_items(method: Method, labels: Tensor) -> dict[str, float]:
+    labelled = float((labels != UNLABELLED).sum())
+    return {t.name: max(labelled if t.items == "labelled" else float(labels.shape[0]), 1.0) for t in method.terms}
+
+
+def _check_setup(student: nn.Module, teacher: Teacher | None, method: Method, data: TensorData, name: str) -> int:
+    """Dry-run one tiny batch through student and teacher; return the class count. Fails before any training."""
+    if method.needs_teacher and teacher is None:
+        raise ValueError(f"recipe {method.name!r} needs a teacher, but none was given (set 'teacher' in the config)")
+    check_data(data, name)
+    if method.needs_labels and data.num_labelled == 0:
+        raise ValueError(
+            f"recipe {method.name!r} needs labelled training data, but {name} has no labels "
+            "(use a labelled split, or a recipe without label terms such as transfer_kd)"
+        )
+    x = data.x[:2]
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            s_logits = as_outputs(student(x))["logits"]
+    except Exception as err:
+        raise ValueError(f"the student cannot run on {name} items of shape {tuple(x.shape[1:])}: {err}") from err
+    finally:
+        student.train(was_training)
+    num_classes = int(s_logits.shape[-1])
+    if teacher is not None and method.needs_teacher:
+        try:
+            t_logits = teacher.targets(x)["logits"]
+        except Exception as err:
+            raise ValueError(f"the teacher cannot run on {name} items of shape {tuple(x.shape[1:])}: {err}") from err
+        if t_logits.shape[-1] != num_classes:
+            raise ValueError(
+                f"teacher has {t_logits.shape[-1]} output classes but the student has {num_classes}: "
+                "expected the same number of classes"
+            )
+    check_data(data, name, num_classes)
+    return num_classes
+
+
+def fit(
+    student: nn.Module,
+    method: Method,
+    train_data: TensorData,
+    *,
+    teacher: Teacher | None = None,
+    eval_data: TensorData | None = None,
+    epochs: int = 10,
+    max_steps: int | None = None,
+    batch_size: int = 64,
+    grad_accum: int = 1,
+    optim: Optim | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log_every: int = 10,
+    eval_every: int = 1,
+    progress: bool = True,
+    trackers: Sequence[str] = (),
+    run_config: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Train ``student`` with ``method``.
+
+    Args:
+        student: The model to train (unwrapped; Accelerate wraps it for DDP where needed).
+        method: What to optimise (see :mod:`mentor.recipes`).
+        train_data: Training items; unlabelled items carry label ``-1``.
+        teacher: Where targets come from (see :mod:`mentor.teachers`); never optimised or wrapped.
+        eval_data: Evaluated after every ``eval_every`` epochs and at the end.
+        epochs: Passes over ``train_data``.
+        max_steps: Stop after this many optimisation steps (``None``: ``epochs`` decides).
+        batch_size: Micro-batch size per process.
+        grad_accum: Micro-batches accumulated per optimisation step.
+        optim: Optimiser and schedule (default AdamW, lr 1e-3, constant).
+        seed: Seeds data order and the torch/numpy/python generators.
+        out: Run directory for ``metrics.jsonl``, checkpoints and ``student.safetensors`` (``None``: nothing saved).
+        checkpoint_every: Write a checkpoint every this many steps (0: only at the end).
+        keep_checkpoints: How many step checkpoints to keep.
+        resume: Continue from ``out/checkpoints/latest``.
+        mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
+        cpu: Force the CPU even where a GPU is present.
+        log_every: Write a training row to ``metrics.jsonl`` every this many steps.
+        eval_every: Evaluate every this many epochs.
+        progress: Show a progress bar (main process only).
+        trackers: Accelerate trackers (``"tensorboard"``, ``"wandb"``, ``"mlflow"``), logged to on the main process.
+        run_config: The resolved configuration, passed to trackers.
+
+    Returns:
+        A :class:`FitResult`.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    optim = optim or Optim()
+    for key, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
+                            ("log_every", log_every, 1), ("eval_every", eval_every, 1),
+                            ("checkpoint_every", checkpoint_every, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"train.{key} must be an integer >= {low}, got {value!r}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1 or null, got {max_steps}")
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"train.mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    if mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise ValueError("train.mixed_precision 'fp16' needs a CUDA GPU; on the CPU use 'bf16' or 'no'")
+    if resume and out is None:
+        raise ValueError("resume=True needs the run directory 'out'")
+    _check_setup(student, teacher, method, train_data, "train data")
+    if eval_data is not None:
+        check_data(eval_data, "eval data")
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, cpu=cpu, log_with=list(trackers) or None,
+        project_dir=str(out) if out is not None else None,
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+    global_batch = batch_size * grad_accum * world
+    steps_per_epoch = len(train_data) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train data has {len(train_data)} items, fewer than one global batch of {global_batch} "
+            f"(batch_size {batch_size} x grad_accum {grad_accum} x {world} processes)"
+        )
+    total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    optimizer = build_optimizer([p for p in student.parameters() if p.requires_grad], optim)
+    if teacher is not None and hasattr(teacher, "parameters"):
+        teacher_ids = {id(p) for p in teacher.parameters()}
+        if any(id(p) in teacher_ids for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("a teacher parameter is in the student's optimiser: the teacher must stay frozen")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(optim, total_steps))
+    model, optimizer = accelerator.prepare(student, optimizer)
+
+    out_dir = Path(out) if out is not None else None
+    ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
+    metrics_path = out_dir / "metrics.jsonl" if out_dir is not None else None
+    history: list[dict[str, Any]] = []
+
+    step = 0
+    start_epoch, start_batch = 0, 0
+    if resume:
+        assert ckpt_root is not None and metrics_path is not None
+        path = _read_checkpoint(ckpt_root)
+        load_model_weights(student, path / "student.safetensors")
+        if (path / "teacher.safetensors").is_file() and hasattr(teacher, "load_state_dict"):
+            teacher.load_state_dict(load_file(str(path / "teacher.safetensors"), device=str(device)))  # type: ignore[union-attr]
+        opt_state = torch.load(path / "optim.pt", weights_only=True, map_location=device)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        state = json.loads((path / "state.json").read_text())
+        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        rng = load_file(str(path / "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+            if cuda_states:
+                torch.cuda.set_rng_state_all(cuda_states)
+        _set_rng_state(state["rng"])
+        if metrics_path.is_file() and accelerator.is_main_process:
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r.get("step", 0) <= step]
+            _write_jsonl(metrics_path, rows)
+            history = rows
+    elif out_dir is not None and accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if metrics_path is not None and metrics_path.exists():
+            metrics_path.unlink()
+        if ckpt_root is not None and ckpt_root.exists():
+            shutil.rmtree(ckpt_root)
+    accelerator.wait_for_everyone()
+
+    if trackers:
+        accelerator.init_trackers(out_dir.name if out_dir else "mentor", config=dict(run_config or {}))
+
+    def log(row: dict[str, Any]) -> None:
+        history.append(row)
+        if accelerator.is_main_process and metrics_path is not None:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if trackers:
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+
+    def run_eval(epoch: int) -> dict[str, Any]:
+        assert eval_data is not None
+        metrics = evaluate(accelerator.unwrap_model(model), eval_data, teacher, device=device)
+        log({"step": step, "epoch": epoch, "split": "eval", **metrics})
+        return metrics
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        if ckpt_root is None:
+            return
+        if accelerator.is_main_process:
+            _write_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), teacher, optimizer, scheduler,
+                              {"step": step, "epoch": epoch, "batch": batch}, keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
+               desc=method.name, unit="step", dynamic_ncols=True)
+    running: dict[str, Tensor] = {}
+    running_count = 0
+    final_metrics: dict[str, Any] = {}
+    model.train()
+    epoch = start_epoch
+    done = step >= total_steps
+    while not done and epoch < epochs:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(train_data), generator=generator)
+        for batch_idx in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
+            index = perm[batch_idx * global_batch : (batch_idx + 1) * global_batch]
+            num_items = _num_items(method, train_data.y[index])
+            micro = _micro_batches(index, grad_accum, world, rank)
+            step_values = {t.name: torch.zeros((), device=device) for t in method.terms}
+            for m, micro_index in enumerate(micro):
+                x, y = train_data.take(micro_index)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = m == len(micro) - 1
+                ctx = accelerator.no_sync(model) if not sync else _nullcontext()
+                with ctx:
+                    with accelerator.autocast():
+                        t_out = teacher.targets(x) if (teacher is not None and method.needs_teacher) else None
+                        s_out = as_outputs(model(x))
+                    total, values = compute_terms(method, s_out, t_out, y, step, num_items)
+                    # Terms are already divided by the global item count; DDP averages gradients over processes.
+                    accelerator.backward(total * world if world > 1 else total)
+                for k, v in values.items():
+                    step_values[k] += v.detach()
+            for k, v in step_values.items():
+                if not torch.isfinite(v):
+                    raise NonFiniteLossError(
+                        f"loss term {k!r} is {float(v)} at step {step} (epoch {epoch}, batch {batch_idx}); "
+                        "stopping. Check the learning rate, the inputs and the teacher's outputs."
+                    )
+            if optim.grad_clip is not None:
+                accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            update = getattr(teacher, "update", None)
+            if callable(update):
+                update(accelerator.unwrap_model(model), step)
+            step += 1
+            for k, v in step_values.items():
+                running[k] = running.get(k, torch.zeros((), device=device)) + v
+            running_count += 1
+            bar.update(1)
+            if step % log_every == 0 or step == total_steps:
+                reduced = {k: accelerator.reduce(v / running_count, "sum") for k, v in running.items()}
+                weights = {t.name: float(t.weight(step - 1)) for t in method.terms}
+                row: dict[str, Any] = {"step": step, "epoch": epoch, "split": "train",
+                                       "loss": float(sum(weights[k] * float(v) for k, v in reduced.items())),
+                                       "lr": scheduler.get_last_lr()[0]}
+                row.update({f"loss/{k}": float(v) for k, v in reduced.items()})
+                log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                running, running_count = {}, 0
+            at_end_of_epoch = batch_idx == steps_per_epoch - 1
+            if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+                nxt_epoch, nxt_batch = (epoch + 1, 0) if at_end_of_epoch else (epoch, batch_idx + 1)
+                checkpoint(nxt_epoch, nxt_batch)
+            if step >= total_steps:
+                done = True
+                break
+        if eval_data is not None and ((epoch + 1) % eval_every == 0 or done):
+            final_metrics = run_eval(epoch)
+        epoch += 1
+    bar.close()
+    if eval_data is not None and not final_metrics:
+        final_metrics = run_eval(epoch - 1 if epoch > 0 else 0)
+    checkpoint(epoch, 0)
+    unwrapped = accelerator.unwrap_model(model)
+    if out_dir is not None and accelerator.is_main_process:
+        save_model(unwrapped, out_dir / "student.safetensors")
+        _write_json(out_dir / "result.json", {"metrics": final_metrics, "steps": step})
+    if trackers:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return FitResult(student=unwrapped, metrics=final_metrics, history=history, steps=step, out=out_dir)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
