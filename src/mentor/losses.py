@@ -315,17 +315,20 @@ def cross_entropy(
         )
     if target.is_floating_point():
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    num_classes = student_logits.shape[-1]
-    labelled = (target != ignore_index) & (target >= 0)
-    if bool(((target >= num_classes) & labelled).any()):
-        bad = int(target[labelled].max())
-        raise ValueError(f"label {bad} out of range for {num_classes} classes (expected 0..{num_classes - 1})")
+    labelled = target >= 0 if ignore_index < 0 else (target >= 0) & (target != ignore_index)
     keep = labelled if mask is None else labelled & mask.to(torch.bool)
-    log_s = F.log_softmax(_as_float(student_logits), dim=-1)
-    safe_target = torch.where(labelled, target, torch.zeros_like(target))
-    nll = -log_s.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-    if label_smoothing > 0.0:
-        per_item = (1.0 - label_smoothing) * nll - label_smoothing * log_s.mean(dim=-1)
-    else:
-        per_item = nll
+    logits = _as_float(student_logits)
+    num_classes = logits.shape[-1]
+    # The fused kernel computes (1 - e) * nll - e * mean_c log p per item; unlabelled items get a dummy class 0
+    # and are dropped by `keep`. An out-of-range label makes the kernel raise.
+    try:
+        per_item = F.cross_entropy(
+            logits.reshape(-1, num_classes), target.clamp(min=0).reshape(-1), reduction="none",
+            label_smoothing=label_smoothing,
+        ).reshape(target.shape)
+    except (IndexError, RuntimeError) as err:
+        bad = int(target[labelled].max()) if bool(labelled.any()) else -1
+        raise ValueError(
+            f"label {bad} out of range for {num_classes} classes (expected 0..{num_classes - 1}): {err}"
+        ) from None
     return reduce_items(per_item, keep, num_items)

@@ -1,0 +1,42 @@
+# mentor: the commands a newcomer needs. `make demo` and `make test` install first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench bench-quick lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The pinned CPU build of torch first (see DEVELOPERS.md): a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/mentor demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/kd_mnist1d.py
+
+bench-quick: install
+	$(BIN)/python bench/overhead.py --quick
+	$(BIN)/python bench/kd_mnist1d.py --quick
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

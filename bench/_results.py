@@ -1,0 +1,36 @@
+"""Write a benchmark's section of bench/RESULTS.md (between markers), atomically."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    """One line about the machine the numbers came from."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md with ``body`` plus the command that made it."""
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    section = (f"{begin}\n## {name}\n\nCommand: `{command}` ({stamp}; {machine()})\n\n{body.strip()}\n{end}")
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by its script.\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)

@@ -1,0 +1,174 @@
+"""The ``mentor`` command line: ``train``, ``eval``, ``report``, ``recipes``, ``demo``.
+
+Every command has ``--help``. Configuration errors are printed as one clear message (exit status 2) before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "format_table"]
+
+_COLUMNS = [("name", "student"), ("accuracy", "accuracy"), ("agreement", "agreement"),
+            ("kl_to_teacher", "KL(t||s)"), ("ece", "ECE"), ("params", "params"), ("latency_ms", "latency ms/batch")]
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = _COLUMNS) -> str:
+    """A plain-text table of ``rows`` (missing values print as ``-``)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    header = [title for _, title in columns]
+    body = [[cell(r.get(key)) for key, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    out = [line, sep] + ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(out)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mentor.config import load_config
+    from mentor.run import run
+
+    cfg = load_config(args.config, args.overrides)
+    result = run(cfg, resume=args.resume)
+    rows = [{"name": f"{cfg.name}" + (f" gen{i + 1}" if len(result.generations) > 1 else ""), **r.metrics}
+            for i, r in enumerate(result.generations)]
+    print(format_table(rows))
+    print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mentor.config import ConfigError, load_config
+    from mentor.eval import evaluate
+    from mentor.run import build_student, load_data, load_teacher
+    from mentor.teachers import Frozen
+    from mentor.train import load_model_weights
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "student.safetensors").is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a finished run directory (expected config.yaml and "
+                          "student.safetensors)")
+    cfg = load_config(run_dir / "config.yaml")
+    student = build_student(cfg)
+    load_model_weights(student, run_dir / "student.safetensors")
+    teacher = Frozen(load_teacher(cfg.teacher)) if cfg.teacher is not None else None
+    _, test = load_data(cfg)
+    metrics = {"name": cfg.name, **evaluate(student, test, teacher, timing=True)}
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_table([metrics]))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mentor.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from mentor.recipes import RECIPES
+
+    width = max(len(n) for n in RECIPES)
+    for name, fn in RECIPES.items():
+        description = fn().description
+        print(f"{name.ljust(width)}  {description}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mentor.demo import demo
+
+    rows = demo(out=Path(args.out), quick=args.quick, progress=not args.json)
+    print(format_table(rows))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mentor",
+        description="Teacher-student training: a student model learns from one or more teachers.",
+        epilog="Run 'mentor COMMAND --help' for a command's options. Start with 'mentor demo'.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a student from a YAML config",
+                       description="Train a student from a YAML config. Keys can be overridden on the command line, "
+                                   "e.g. 'mentor train cfg.yaml train.epochs=3 recipe.args.temperature=2'. The "
+                                   "resolved config, metrics.jsonl, checkpoints, student.safetensors and report.md "
+                                   "go to <train.out>/<name>/.")
+    p.add_argument("config", help="path to a YAML config (see configs/ for examples)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a finished run on the test split",
+                       description="Evaluate a finished run's student on the test split: accuracy, agreement and "
+                                   "KL with its teacher, ECE, parameters, latency.")
+    p.add_argument("run_dir", help="a run directory (holds config.yaml and student.safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("report", help="write report.md with plots for a run",
+                       description="Write RUN_DIR/report.md with PNG plots (loss terms, accuracy curves, "
+                                   "reliability diagram).")
+    p.add_argument("run_dir", help="a run directory")
+    p.set_defaults(fn=_cmd_report)
+
+    p = sub.add_parser("recipes", help="list the recipes, one line each",
+                       description="List the built-in recipes (methods) with one line each.")
+    p.set_defaults(fn=_cmd_recipes)
+
+    p = sub.add_parser("demo", help="teacher + three students on MNIST-1D, with a result table",
+                       description="Train a CNN teacher on MNIST-1D, then MLP students: scratch (4000 labels), "
+                                   "hinton_kd (same labels + teacher) and transfer_kd (teacher only, 50000 generated "
+                                   "unlabelled samples); print one table and write report.md.")
+    p.add_argument("--json", action="store_true", help="also print the table as one JSON object on the last line")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mentor`` command."""
+    from mentor.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"mentor {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"mentor {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mentor {args.command}: interrupted; resume with --resume where checkpoints were written",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
