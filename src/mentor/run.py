@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from mentor.config import ConfigError, RunConfig, TeacherConfig, dump_config, load_config
-from mentor.data import TensorData, mnist1d, mnist1d_transfer
+from mentor.data import TensorData, check_data, mnist1d, mnist1d_transfer
 from mentor.method import Method
 from mentor.models import build_model
 from mentor.recipes import build_recipe
 from mentor.teachers import Frozen
-from mentor.train import FitResult, Optim, fit, load_model_weights
+from mentor.train import FitResult, Optim, _check_setup, fit, load_model_weights
 
 __all__ = ["RunResult", "load_data", "load_teacher", "run", "build_student"]
 
@@ -108,13 +108,34 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
     """Run a validated config end to end (every generation), writing the run directory."""
     method = build_recipe(cfg.recipe.name, cfg.recipe.args)
     teacher_model = load_teacher(cfg.teacher) if cfg.teacher is not None else None
-    train_data, test_data = load_data(cfg)
-    optim = Optim(**cfg.optim.model_dump())
     t = cfg.train
     out = cfg.run_dir
+    # Everything that can be wrong is checked before anything is written to the run directory.
+    first_student = build_student(cfg)
+    if t.mixed_precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
+        why = "train.cpu is true" if t.cpu else "no CUDA GPU is available"
+        raise ConfigError(f"train.mixed_precision = 'fp16' needs a CUDA GPU, but {why}: expected 'bf16' or 'no'")
+    first_ckpt = (out if method.generations == 1 else out / "gen1") / "checkpoints" / "latest"
+    if resume and not first_ckpt.is_file():
+        raise FileNotFoundError(
+            f"cannot resume: {str(first_ckpt)!r} does not exist (no earlier run of {cfg.name!r} wrote a checkpoint); "
+            "run without --resume to start afresh"
+        )
+    train_data, test_data = load_data(cfg)
+    per_step = t.batch_size * t.grad_accum
+    if len(train_data) < per_step:
+        raise ConfigError(
+            f"train.batch_size = {t.batch_size} x train.grad_accum = {t.grad_accum} takes {per_step} items per step, "
+            f"but the training data (data.train = {cfg.data.train!r}) has {len(train_data)}: expected at most "
+            f"{len(train_data)} items per step"
+        )
+    teacher = Frozen(teacher_model) if teacher_model is not None else None
+    first_method = method if (teacher is not None or not method.needs_teacher) else _labels_only(method)
+    _check_setup(first_student, teacher, first_method, train_data, "train data")
+    check_data(test_data, "eval data")
+    optim = Optim(**cfg.optim.model_dump())
     _write_text(out / "config.yaml", dump_config(cfg))
     results: list[FitResult] = []
-    teacher = Frozen(teacher_model) if teacher_model is not None else None
     for gen in range(1, method.generations + 1):
         gen_out = out if method.generations == 1 else out / f"gen{gen}"
         gen_method = method if (teacher is not None or not method.needs_teacher) else _labels_only(method)

@@ -35,9 +35,14 @@ def build_recipe(name: str, args: Mapping[str, object] | None = None) -> Method:
         raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(sorted(RECIPES))}")
     fn = RECIPES[name]
     params = inspect.signature(fn).parameters
-    for key in args or {}:
+    for key, value in (args or {}).items():
         if key not in params:
             raise ValueError(
                 f"recipe {name!r} has no argument {key!r}: expected one of {', '.join(params) or '(none)'}"
             )
+        annotation = params[key].annotation  # a string under 'from __future__ import annotations'
+        wanted = {"float": ((int, float), "a number"), float: ((int, float), "a number"),
+                  "int": ((int,), "an integer"), int: ((int,), "an integer")}.get(annotation)
+        if wanted is not None and (isinstance(value, bool) or not isinstance(value, wanted[0])):
+            raise ValueError(f"recipe {name!r} argument {key!r} = {value!r}: expected {wanted[1]}")
     return fn(**dict(args or {}))
