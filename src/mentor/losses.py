@@ -98,8 +98,10 @@ def reduce_items(per_item: Tensor, mask: Tensor | None = None, num_items: NumIte
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p || q)`` over the last dimension, with ``0 * log 0 = 0``. Returns shape ``[...]``."""
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
-    return terms.sum(dim=-1)
+    # where() inside the product: where p == 0 the log-ratio may be -inf - -inf (a masked class in both); the
+    # dropped branch must not exist in the product, or its 0 * nan poisons the gradient.
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=p.dtype, device=p.device))
+    return (p * log_ratio).sum(dim=-1)
 
 
 def kl_div(
@@ -178,7 +180,11 @@ def generalized_jsd(
     _check_temperature("temperature", temperature)
     log_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
     log_t = F.log_softmax(_as_float(teacher_logits) / temperature, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
+    # clamp: a class masked (-inf) in both inputs would otherwise make logsumexp's gradient nan
+    log_m = torch.logsumexp(
+        torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]).clamp(min=torch.finfo(log_s.dtype).min),
+        dim=0,
+    )
     per_item = beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)
     return temperature**2 * reduce_items(per_item, mask, num_items)
 
@@ -219,7 +225,13 @@ def skew_kl(
     if alpha == 0.0:
         log_mix = second
     else:
-        log_mix = torch.logsumexp(torch.stack([first + math.log(alpha), second + math.log(1.0 - alpha)]), dim=0)
+        # clamp: a class masked (-inf) in both inputs would otherwise make logsumexp's gradient nan
+        log_mix = torch.logsumexp(
+            torch.stack([first + math.log(alpha), second + math.log(1.0 - alpha)]).clamp(
+                min=torch.finfo(first.dtype).min
+            ),
+            dim=0,
+        )
     per_item = _kl_rows(first, log_mix)
     return temperature**2 * reduce_items(per_item, mask, num_items)
 
@@ -278,7 +290,8 @@ def soft_cross_entropy(
     _check_temperature("temperature", temperature)
     log_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
     q = _as_float(target_probs).to(log_s.dtype)
-    per_item = -(q * log_s).sum(dim=-1)
+    # 0 * log 0 = 0: a class the target gives no mass may be masked (-inf) in the student without making a nan
+    per_item = -(q * torch.where(q != 0, log_s, torch.zeros((), dtype=log_s.dtype, device=log_s.device))).sum(dim=-1)
     return temperature**2 * reduce_items(per_item, mask, num_items)
 
 
