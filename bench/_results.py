@@ -26,7 +26,8 @@ def write_section(name: str, body: str) -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     section = (f"{begin}\n## {name}\n\nCommand: `{command}` ({stamp}; {machine()})\n\n{body.strip()}\n{end}")
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by its script.\n"
+    header = "# Benchmark results\n\nEach section is rewritten by its script.\n"
+    text = RESULTS.read_text() if RESULTS.exists() else header
     if begin in text and end in text:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
     else:

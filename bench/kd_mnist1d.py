@@ -34,10 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_section  # noqa: E402
+from _results import write_section
 
-from mentor import data, models, recipes, teachers, train  # noqa: E402
-from mentor.eval import evaluate  # noqa: E402
+from mentor import data, models, recipes, teachers, train
+from mentor.eval import evaluate
 
 ORDER_STRIDE = 1_000_003  # mentor.train.fit draws epoch e's order from seed * ORDER_STRIDE + e
 
@@ -167,7 +167,8 @@ def main() -> None:
         goals["mentor_over_torchdistill_accuracy"] = summary["hinton_kd"]["mean"] / summary["td_hinton_kd"]["mean"]
     result["goals"] = goals
 
-    lines = ["| method | library | mean acc | std | min | max | mean agreement | seconds/run |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | library | mean acc | std | min | max | mean agreement | seconds/run |",
+             "|---|---|---|---|---|---|---|---|"]
     for n, rs in runs.items():
         if not rs:
             lines.append(f"| {n} | torchdistill | - | - | - | - | - | - |")
@@ -177,7 +178,8 @@ def main() -> None:
         lines.append(
             f"| {n} | {'torchdistill ' + str(peer_version) if n.startswith('td_') else 'mentor'} | {s_['mean']:.4f} "
             f"| {s_['std']:.4f} | {s_['min']:.4f} | {s_['max']:.4f} | "
-            f"{statistics.mean(agree) if agree else float('nan'):.4f} | {statistics.median(r['seconds'] for r in rs):.1f} |"
+            f"{statistics.mean(agree) if agree else float('nan'):.4f} | "
+            f"{statistics.median(r['seconds'] for r in rs):.1f} |"
         )
     body = (
         f"CNN teacher (test accuracy {teacher_acc:.4f}) -> MLP{tuple(cfg['hidden'])} students, seeds "

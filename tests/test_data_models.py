@@ -59,9 +59,9 @@ def test_generation_leaves_global_rngs_untouched(tmp_path, monkeypatch) -> None:
 def test_check_data_messages() -> None:
     x = torch.zeros(4, 3)
     x[2, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf.*item 2"):
+    with pytest.raises(ValueError, match=r"NaN or inf.*item 2"):
         data.check_data(data.TensorData(x, torch.zeros(4, dtype=torch.long)), "train data")
-    with pytest.raises(ValueError, match="label 10, out of range: expected 0..9"):
+    with pytest.raises(ValueError, match=r"label 10, out of range: expected 0\.\.9"):
         data.check_data(data.TensorData(torch.zeros(2, 3), torch.tensor([1, 10])), "train data", 10)
     with pytest.raises(ValueError, match="empty"):
         data.check_data(data.TensorData(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), "train data")
@@ -72,7 +72,8 @@ def test_builtin_models_shapes_and_sizes(name: str, params: int) -> None:
     model = models.build_model(name)
     out = model(torch.randn(3, 40))
     assert out.shape == (3, 10)
-    # MLP: 40*100+100 + 100*100+100 + 100*10+10; CNN: 1*25*5+25 + 2*(25*25*3+25) + 125*10+10; GRU: 3*32*(1+32) + 2*3*32 biases, + 32*10+10.
+    # MLP: 40*100+100 + 100*100+100 + 100*10+10; CNN: 1*25*5+25 + 2*(25*25*3+25) + 125*10+10;
+    # GRU: 3*32*(1+32) + 2*3*32 biases, + 32*10+10.
     assert models.count_parameters(model) == params
 
 

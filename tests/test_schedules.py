@@ -189,3 +189,9 @@ def test_schedules_are_plain_data() -> None:
         Linear(0.0, 1.0, 10).steps = 3  # type: ignore[misc]
     for sched in (Constant(1.0), Linear(0.0, 1.0, 2), Cosine(0.0, 1.0, 2), RampUp(1.0, 2), Step((), (1.0,))):
         assert isinstance(sched, Schedule)
+
+
+def test_step_equal_boundaries_are_rejected() -> None:
+    # With equal boundaries the value between them could never be reached.
+    with pytest.raises(ValueError, match=r"boundaries must be increasing, got \(10, 10\)"):
+        Step((10, 10), (1.0, 0.1, 0.01))

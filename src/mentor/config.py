@@ -126,12 +126,12 @@ class RunConfig(_Strict):
 
     name: str = "run"
     seed: int = Field(0, ge=0)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig())
     student: ModelConfig = Field(default_factory=lambda: ModelConfig(model="mlp"))
     teacher: TeacherConfig | None = None
-    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    recipe: RecipeConfig = Field(default_factory=lambda: RecipeConfig())
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
 
     @field_validator("name")
     @classmethod

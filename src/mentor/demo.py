@@ -61,7 +61,9 @@ def demo_configs(out: Path, quick: bool = False, seed: int = 0, progress: bool =
     return {"teacher": teacher, "scratch": scratch, "hinton_kd": hinton, "transfer_kd": transfer}
 
 
-def demo(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+def demo(
+    out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, progress: bool = True
+) -> list[dict[str, Any]]:
     """Run the demo and return one row per model (teacher last), also written to ``out/report.md``."""
     from mentor.report import write_comparison_report
 

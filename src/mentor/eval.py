@@ -116,7 +116,9 @@ def evaluate(
         result["accuracy"] = float((logits[labelled].argmax(-1) == labels[labelled]).double().mean())
         result["ece"] = expected_calibration_error(probs, labels[labelled], n_bins)
     if teacher is not None:
-        t_logits = torch.cat([teacher.targets(x.to(device))["logits"].float().cpu() for x, _ in data.batches(batch_size)])
+        t_logits = torch.cat(
+            [teacher.targets(x.to(device))["logits"].float().cpu() for x, _ in data.batches(batch_size)]
+        )
         result["agreement"] = float((logits.argmax(-1) == t_logits.argmax(-1)).double().mean())
         result["kl_to_teacher"] = float(losses.kl_div(logits.double(), t_logits.double()))
     if timing:

@@ -19,6 +19,7 @@ configuration. They share one contract:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ def _as_float(x: Tensor) -> Tensor:
 
 
 def _check_temperature(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -90,7 +91,7 @@ def reduce_items(per_item: Tensor, mask: Tensor | None = None, num_items: NumIte
         return total / count.clamp(min=1).to(total.dtype)
     if isinstance(num_items, Tensor):
         return total / num_items.to(total.dtype)
-    if num_items <= 0:
+    if not num_items > 0:  # also rejects NaN
         raise ValueError(f"num_items must be > 0, got {num_items!r}")
     return total / float(num_items)
 

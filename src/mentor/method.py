@@ -16,7 +16,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from mentor.data import UNLABELLED
-from mentor.schedules import Constant, Schedule, as_schedule
+from mentor.schedules import Schedule, as_schedule
 
 __all__ = ["Term", "Method", "compute_terms"]
 
@@ -47,7 +47,7 @@ class Term:
     transform: Callable[[Tensor], Tensor] | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     items: Items = "all"
-    weight: Schedule = field(default_factory=lambda: Constant(1.0))
+    weight: Schedule | float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", as_schedule(self.weight))
@@ -55,6 +55,11 @@ class Term:
             raise ValueError(f"term {self.name!r}: items must be 'all' or 'labelled', got {self.items!r}")
         if self.target != "label" and not self.target.startswith("teacher."):
             raise ValueError(f"term {self.name!r}: target must be 'label' or 'teacher.<key>', got {self.target!r}")
+
+    def weight_at(self, step: int) -> float:
+        """The term's weight at ``step``."""
+        weight = self.weight
+        return float(weight(step)) if callable(weight) else float(weight)
 
     @property
     def uses_teacher(self) -> bool:
@@ -146,7 +151,7 @@ def compute_terms(
         n = None if num_items is None else num_items[term.name]
         value = term.loss(student[term.student], target, mask=term_mask(term, labels), num_items=n, **term.kwargs)
         values[term.name] = value
-        weighted = float(term.weight(step)) * value
+        weighted = term.weight_at(step) * value
         total = weighted if total is None else total + weighted
     assert total is not None
     return total, values

@@ -97,7 +97,7 @@ class Step:
                 f"Step schedule needs len(values) == len(boundaries) + 1, got {len(self.values)} values and "
                 f"{len(self.boundaries)} boundaries"
             )
-        if list(self.boundaries) != sorted(self.boundaries):
+        if any(b >= a for a, b in zip(self.boundaries[1:], self.boundaries, strict=False)):
             raise ValueError(f"Step schedule boundaries must be increasing, got {self.boundaries}")
 
     def __call__(self, step: int) -> float:

@@ -179,10 +179,10 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "python": repr(random.getstate()),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [str(np_state[0]), np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
 
 
@@ -203,21 +203,26 @@ def _write_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: dict[str, int],
     keep_last: int,
+    loop_state: Mapping[str, Tensor] | None = None,
 ) -> Path:
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".tmp-step_{step:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp / "student.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
+              str(tmp / "student.safetensors"))
     teacher_state = getattr(teacher, "state_dict", None)
     if callable(teacher_state):
-        save_file({k: v.detach().contiguous().cpu() for k, v in teacher_state().items()}, str(tmp / "teacher.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
+        save_file({k: v.detach().contiguous().cpu() for k, v in teacher_state().items()},
+                  str(tmp / "teacher.safetensors"))
+    rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
     save_file(rng, str(tmp / "rng.safetensors"))
+    if loop_state:
+        save_file({k: v.detach().contiguous().cpu() for k, v in loop_state.items()}, str(tmp / "loop.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({**position, "rng": _rng_state()}))
     if final.exists():
@@ -416,6 +421,7 @@ def fit(
 
     step = 0
     start_epoch, start_batch = 0, 0
+    resumed_window: Tensor | None = None
     if resume:
         assert ckpt_root is not None and metrics_path is not None
         path = _read_checkpoint(ckpt_root)
@@ -434,6 +440,8 @@ def fit(
             if cuda_states:
                 torch.cuda.set_rng_state_all(cuda_states)
         _set_rng_state(state["rng"])
+        if (path / "loop.safetensors").is_file():
+            resumed_window = load_file(str(path / "loop.safetensors"), device=str(device))["running"]
         if metrics_path.is_file() and accelerator.is_main_process:
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r.get("step", 0) <= step]
@@ -467,14 +475,21 @@ def fit(
     def checkpoint(epoch: int, batch: int) -> None:
         if ckpt_root is None:
             return
+        # The term values of the steps since the last log row (summed over processes), so that a resumed run logs
+        # the same averages as an uninterrupted one. reduce() is collective: every process calls checkpoint().
+        window = accelerator.reduce(torch.stack([torch.stack(v) for v in running]), "sum") if running else None
         if accelerator.is_main_process:
             _write_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), teacher, optimizer, scheduler,
-                              {"step": step, "epoch": epoch, "batch": batch}, keep_checkpoints)
+                              {"step": step, "epoch": epoch, "batch": batch}, keep_checkpoints,
+                              {"running": window} if window is not None else None)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
                desc=method.name, unit="step", dynamic_ncols=True)
     running: list[list[Tensor]] = []  # detached term values of the steps since the last log row
+    if resumed_window is not None:  # the log window the checkpoint cut; rank 0 holds the sums over processes
+        own = resumed_window if accelerator.is_main_process else torch.zeros_like(resumed_window)
+        running = [list(values.unbind(0)) for values in own]
     final_metrics: dict[str, Any] = {}
     term_names = [t.name for t in method.terms]
     use_teacher = teacher is not None and method.needs_teacher
@@ -491,6 +506,7 @@ def fit(
     model.train()
     started = time.perf_counter()
     epoch = start_epoch
+    position = (start_epoch, start_batch)  # where the data order continues: (epoch, batch) of the next step
     done = step >= total_steps
     while not done and epoch < epochs:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -538,17 +554,16 @@ def fit(
                 reduced = accelerator.reduce(means, "sum").tolist()
                 row: dict[str, Any] = {"step": step, "epoch": epoch, "split": "train",
                                        "elapsed_s": time.perf_counter() - started,
-                                       "loss": float(sum(float(t.weight(step - 1)) * v
+                                       "loss": float(sum(t.weight_at(step - 1) * v
                                                          for t, v in zip(method.terms, reduced, strict=True))),
                                        "lr": scheduler.get_last_lr()[0]}
                 row.update({f"loss/{k}": float(v) for k, v in zip(term_names, reduced, strict=True)})
                 log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 running = []
-            at_end_of_epoch = batch_idx == steps_per_epoch - 1
+            position = (epoch + 1, 0) if batch_idx == steps_per_epoch - 1 else (epoch, batch_idx + 1)
             if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
-                nxt_epoch, nxt_batch = (epoch + 1, 0) if at_end_of_epoch else (epoch, batch_idx + 1)
-                checkpoint(nxt_epoch, nxt_batch)
+                checkpoint(*position)
             if step >= total_steps:
                 done = True
                 break
@@ -558,7 +573,7 @@ def fit(
     bar.close()
     if eval_data is not None and not final_metrics:
         final_metrics = run_eval(epoch - 1 if epoch > 0 else 0)
-    checkpoint(epoch, 0)
+    checkpoint(*position)  # a max_steps stop in mid-epoch resumes at the next batch, not the next epoch
     unwrapped = accelerator.unwrap_model(model)
     if out_dir is not None and accelerator.is_main_process:
         save_model(unwrapped, out_dir / "student.safetensors")
