@@ -46,12 +46,12 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"teacher_epochs": 20, "labelled_epochs": 8, "transfer_size": 5000, "transfer_epochs": 3,
                 "hidden": [256, 256], "seeds": [0, 1, 2]}
-    return {"teacher_epochs": 150, "labelled_epochs": 60, "transfer_size": 50000, "transfer_epochs": 30,
+    return {"teacher_epochs": 150, "labelled_epochs": 60, "transfer_size": 50000, "transfer_epochs": 20,
             "hidden": [512, 512, 512], "seeds": [0, 1, 2]}
 
 
 TEMPERATURE, ALPHA = 4.0, 0.9
-LR_TEACHER, LR_STUDENT = 1e-2, 1e-3
+LR_TEACHER, LR_STUDENT, LR_TRANSFER = 1e-2, 1e-3, 2e-3
 BATCH_LABELLED, BATCH_TRANSFER = 100, 256
 
 
@@ -70,8 +70,9 @@ def mentor_run(method_name: str, s: torch.nn.Module, ds: data.TensorData, test: 
     }[method_name]
     frozen = teachers.Frozen(teacher) if teacher is not None else None
     start = time.perf_counter()
+    lr = LR_TRANSFER if method_name in ("transfer_kd", "hard_label_kd") else LR_STUDENT
     result = train.fit(s, method, ds, teacher=frozen if method.needs_teacher else None, epochs=epochs,
-                       batch_size=batch, optim=train.Optim(lr=LR_STUDENT, schedule="cosine"), seed=seed,
+                       batch_size=batch, optim=train.Optim(lr=lr, schedule="cosine"), seed=seed,
                        progress=False, log_every=10_000)
     seconds = time.perf_counter() - start
     metrics = evaluate(result.student, test, frozen)
@@ -85,7 +86,8 @@ def torchdistill_run(s: torch.nn.Module, ds: data.TensorData, test: data.TensorD
 
     labels = ds.y.clamp(min=0)  # the transfer set has no labels; with alpha_kd = 1 the hard term is off
     out = run_torchdistill_kd(teacher, s, ds.x, labels, test.x, test.y, epochs=epochs, batch_size=batch,
-                              lr=LR_STUDENT, temperature=TEMPERATURE, alpha_kd=alpha_kd, seed=seed,
+                              lr=LR_TRANSFER if alpha_kd == 1.0 else LR_STUDENT, temperature=TEMPERATURE,
+                              alpha_kd=alpha_kd, seed=seed,
                               order_seed_stride=ORDER_STRIDE)
     agreement = evaluate(s, test, teachers.Frozen(teacher)).get("agreement")
     return {"accuracy": out["accuracy"], "agreement": agreement, "steps": out["steps"], "seconds": out["seconds"]}
@@ -183,8 +185,10 @@ def main() -> None:
         )
     body = (
         f"CNN teacher (test accuracy {teacher_acc:.4f}) -> MLP{tuple(cfg['hidden'])} students, seeds "
-        f"{cfg['seeds']}, T={TEMPERATURE}, alpha(KD weight)={ALPHA}, AdamW lr {LR_STUDENT} cosine. Labelled runs: 4000 "
-        f"items, {cfg['labelled_epochs']} epochs, batch {BATCH_LABELLED}. Transfer runs: {cfg['transfer_size']} "
+        f"{cfg['seeds']}, T={TEMPERATURE}, alpha(KD weight)={ALPHA}, AdamW with cosine schedule. "
+        f"Labelled runs (lr {LR_STUDENT}): 4000 "
+        f"items, {cfg['labelled_epochs']} epochs, batch {BATCH_LABELLED}. Transfer runs (lr {LR_TRANSFER}): "
+        f"{cfg['transfer_size']} "
         f"generated items, {cfg['transfer_epochs']} epochs, batch {BATCH_TRANSFER}. torchdistill: "
         f"{peer_version or peer}.\n\n" + "\n".join(lines) + "\n\nGoals: `" + json.dumps(goals) + "`"
     )

@@ -122,3 +122,12 @@ def test_demo_quick_json_last_line(tmp_path: Path, capsys: pytest.CaptureFixture
         assert 0.0 <= row["accuracy"] <= 1.0
     assert (tmp_path / "demo" / "report.md").is_file()
     assert "student" in out[0] and "accuracy" in out[0]
+
+
+def test_shipped_configs_validate() -> None:
+    root = Path(__file__).resolve().parent.parent / "configs"
+    paths = sorted(root.glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.name == path.stem
