@@ -426,9 +426,11 @@ def fit(
         assert ckpt_root is not None and metrics_path is not None
         path = _read_checkpoint(ckpt_root)
         load_model_weights(student, path / "student.safetensors")
+        # Read onto the CPU: load_state_dict copies onto the models' and parameters' devices (under DDP on CPUs the
+        # device is "cpu:<rank>", which torch.load and safetensors reject).
         if (path / "teacher.safetensors").is_file() and hasattr(teacher, "load_state_dict"):
-            teacher.load_state_dict(load_file(str(path / "teacher.safetensors"), device=str(device)))  # type: ignore[union-attr]
-        opt_state = torch.load(path / "optim.pt", weights_only=True, map_location=device)
+            teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))  # type: ignore[union-attr]
+        opt_state = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
         state = json.loads((path / "state.json").read_text())
@@ -441,11 +443,12 @@ def fit(
                 torch.cuda.set_rng_state_all(cuda_states)
         _set_rng_state(state["rng"])
         if (path / "loop.safetensors").is_file():
-            resumed_window = load_file(str(path / "loop.safetensors"), device=str(device))["running"]
-        if metrics_path.is_file() and accelerator.is_main_process:
+            resumed_window = load_file(str(path / "loop.safetensors"))["running"].to(device)
+        if metrics_path.is_file():  # every process's history starts with the rows kept; the main one rewrites the file
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r.get("step", 0) <= step]
-            _write_jsonl(metrics_path, rows)
+            if accelerator.is_main_process:
+                _write_jsonl(metrics_path, rows)
             history = rows
     elif out_dir is not None and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -528,11 +531,12 @@ def fit(
                         s_out = as_outputs(model(x))
                     total, values = compute_terms(method, s_out, t_out, y, step, num_items)
                     if not torch.isfinite(total):
-                        bad = next((k for k, v in values.items() if not torch.isfinite(v)), "total")
+                        bad = next((k for k, v in values.items() if not torch.isfinite(v.detach())), "total")
                         raise NonFiniteLossError(
-                            f"loss term {bad!r} is {float(values.get(bad, total))} at step {step} (epoch {epoch}, "
-                            f"batch {batch_idx}); stopping. Check the learning rate, the inputs and the teacher's "
-                            "outputs. The last checkpoint, if any, is intact."
+                            f"loss term {bad!r} is {float(values.get(bad, total).detach())} at step {step} "
+                            f"(counting from 0; {step} steps completed; epoch {epoch}, batch {batch_idx}); stopping. "
+                            "Check the learning rate, the inputs and the teacher's outputs. The last checkpoint, if "
+                            "any, is intact."
                         )
                     # Terms are already divided by the global item count; DDP averages gradients over processes.
                     accelerator.backward(total * world if world > 1 else total)
