@@ -16,16 +16,6 @@ import torch.nn.functional as F
 
 from mentor import losses
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (milliseconds per op on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # float64 numpy references, from the mathematical definitions
 # ----------------------------------------------------------------------------------------------------------------

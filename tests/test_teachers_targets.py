@@ -16,16 +16,6 @@ from mentor.data import UNLABELLED
 from mentor.method import Method, Term, compute_terms
 from mentor.schedules import Linear, RampUp, Step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (milliseconds per op on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
