@@ -66,9 +66,19 @@ def demo(
     out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Run the demo and return one row per model (teacher last), also written to ``out/report.md``."""
+    # The demo's models are tiny: extra intra-op threads cost more in synchronisation than they gain (and on a
+    # shared 2-core machine they oversubscribe it), so the demo runs on one thread and is restored after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _demo(out, quick, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(out: Path, quick: bool, seed: int, progress: bool) -> list[dict[str, Any]]:
     from mentor.report import write_comparison_report
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     rows: list[dict[str, Any]] = []
     for name, raw in demo_configs(out, quick, seed, progress).items():
         cfg = config_from_dict(raw)
