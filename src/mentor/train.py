@@ -505,7 +505,10 @@ def fit(
     from accelerate.utils import DistributedType
 
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    optimizer_step = optimizer.optimizer.step if plain and accelerator.scaler is None else optimizer.step
+    raw_optimizer = optimizer.optimizer if plain and accelerator.scaler is None else optimizer
+    optimizer_step = raw_optimizer.step
+    # The wrapper's zero_grad also inspects the signature of the wrapped one on every call (about 0.1 ms).
+    optimizer_zero_grad = raw_optimizer.zero_grad
     model.train()
     started = time.perf_counter()
     epoch = start_epoch
@@ -547,7 +550,7 @@ def fit(
                 accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
             optimizer_step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_zero_grad(set_to_none=True)
             if callable(update):
                 update(accelerator.unwrap_model(model), step)
             step += 1
