@@ -96,13 +96,40 @@ def reduce_items(per_item: Tensor, mask: Tensor | None = None, num_items: NumIte
     return total / float(num_items)
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q)`` over the last dimension, with ``0 * log 0 = 0``. Returns shape ``[...]``."""
+def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Elementwise ``p * (log p - log q)`` (shape ``[..., C]``; summed over ``C`` it is ``KL(p || q)``), with
+    ``0 * log 0 = 0``."""
     p = log_p.exp()
     # where() inside the product: where p == 0 the log-ratio may be -inf - -inf (a masked class in both); the
     # dropped branch must not exist in the product, or its 0 * nan poisons the gradient.
     log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=p.dtype, device=p.device))
-    return (p * log_ratio).sum(dim=-1)
+    return p * log_ratio
+
+
+def _item_count(shaped: Tensor, num_items: int | float | None) -> float:
+    """The normaliser for a mask-free reduction over ``shaped`` (``[..., C]``)."""
+    if num_items is None:
+        return float(max(shaped.numel() // max(shaped.shape[-1], 1), 1))
+    if not num_items > 0:  # also rejects NaN
+        raise ValueError(f"num_items must be > 0, got {num_items!r}")
+    return float(num_items)
+
+
+def _total_sum(total: Tensor, shaped: Tensor, num_items: int | float | None, scale: float) -> Tensor:
+    """``scale * total / N`` for a sum ``total`` already taken over every element of ``shaped``."""
+    return total * (scale / _item_count(shaped, num_items))
+
+
+def _total(terms: Tensor, mask: Tensor | None, num_items: NumItems, scale: float = 1.0) -> Tensor:
+    """``scale * reduce_items(terms.sum(-1), mask, num_items)`` for elementwise ``terms`` of shape ``[..., C]``.
+
+    Without a mask and with a numeric (or default) normaliser this is one sum and one multiply: the hot path of
+    every training step.
+    """
+    if mask is None and not isinstance(num_items, Tensor):
+        return _total_sum(terms.sum(), terms, num_items, scale)
+    out = reduce_items(terms.sum(dim=-1), mask, num_items)
+    return out * scale if scale != 1.0 else out
 
 
 def kl_div(
@@ -140,8 +167,18 @@ def kl_div(
     _check_temperature("teacher_temperature", t_t)
     log_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
     log_t = F.log_softmax(_as_float(teacher_logits) / t_t, dim=-1)
-    per_item = _kl_rows(log_s, log_t) if reverse else _kl_rows(log_t, log_s)
-    return temperature**2 * reduce_items(per_item, mask, num_items)
+    if reverse:
+        return _total(_kl_terms(log_s, log_t), mask, num_items, temperature**2)
+    # Forward KL through the fused kernel (one op instead of five). Clamping -inf log-probabilities to the
+    # smallest finite value keeps 0 * log 0 = 0 (a class masked in the teacher, or in both models) exact, with
+    # zero gradient there; only a class masked in the student alone but not in the teacher, where the true value
+    # is +inf, comes out as a huge finite number instead.
+    lowest = torch.finfo(log_t.dtype).min
+    log_t, log_s = log_t.clamp(min=lowest), log_s.clamp(min=lowest)
+    if mask is None and not isinstance(num_items, Tensor):
+        return _total_sum(F.kl_div(log_s, log_t, reduction="sum", log_target=True), log_t, num_items, temperature**2)
+    terms = F.kl_div(log_s, log_t, reduction="none", log_target=True)
+    return _total(terms, mask, num_items, temperature**2)
 
 
 def generalized_jsd(
@@ -186,8 +223,8 @@ def generalized_jsd(
         torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]).clamp(min=torch.finfo(log_s.dtype).min),
         dim=0,
     )
-    per_item = beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)
-    return temperature**2 * reduce_items(per_item, mask, num_items)
+    terms = beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)
+    return _total(terms, mask, num_items, temperature**2)
 
 
 def skew_kl(
@@ -233,8 +270,7 @@ def skew_kl(
             ),
             dim=0,
         )
-    per_item = _kl_rows(first, log_mix)
-    return temperature**2 * reduce_items(per_item, mask, num_items)
+    return _total(_kl_terms(first, log_mix), mask, num_items, temperature**2)
 
 
 def tvd(
@@ -263,8 +299,7 @@ def tvd(
     _check_temperature("temperature", temperature)
     p_s = F.softmax(_as_float(student_logits) / temperature, dim=-1)
     p_t = F.softmax(_as_float(teacher_logits) / temperature, dim=-1)
-    per_item = 0.5 * (p_t - p_s).abs().sum(dim=-1)
-    return temperature**2 * reduce_items(per_item, mask, num_items)
+    return _total((p_t - p_s).abs(), mask, num_items, 0.5 * temperature**2)
 
 
 def soft_cross_entropy(
@@ -292,8 +327,8 @@ def soft_cross_entropy(
     log_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
     q = _as_float(target_probs).to(log_s.dtype)
     # 0 * log 0 = 0: a class the target gives no mass may be masked (-inf) in the student without making a nan
-    per_item = -(q * torch.where(q != 0, log_s, torch.zeros((), dtype=log_s.dtype, device=log_s.device))).sum(dim=-1)
-    return temperature**2 * reduce_items(per_item, mask, num_items)
+    terms = q * torch.where(q != 0, log_s, torch.zeros((), dtype=log_s.dtype, device=log_s.device))
+    return _total(terms, mask, num_items, -(temperature**2))
 
 
 def cross_entropy(
@@ -329,20 +364,36 @@ def cross_entropy(
         )
     if target.is_floating_point():
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    labelled = target >= 0 if ignore_index < 0 else (target >= 0) & (target != ignore_index)
-    keep = labelled if mask is None else labelled & mask.to(torch.bool)
+    if mask is not None and mask.shape != target.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match item shape {tuple(target.shape)}")
     logits = _as_float(student_logits)
     num_classes = logits.shape[-1]
-    # The fused kernel computes (1 - e) * nll - e * mean_c log p per item; unlabelled items get a dummy class 0
-    # and are dropped by `keep`. An out-of-range label makes the kernel raise.
+    # One fused kernel over the kept items; with smoothing e it sums (1 - e) * nll - e * mean_c log p. Items not
+    # kept get a label the kernel skips: -1 when every negative label is to be dropped (a single clamp maps them
+    # all to -1), else ignore_index. An out-of-range label makes the kernel raise.
+    if ignore_index < 0:
+        skip = -1
+        safe = (target if mask is None else torch.where(mask.to(torch.bool), target, skip)).clamp(min=skip)
+    else:
+        skip = ignore_index
+        keep_ = (target >= 0) if mask is None else (target >= 0) & mask.to(torch.bool)
+        safe = torch.where(keep_, target, skip)
     try:
-        per_item = F.cross_entropy(
-            logits.reshape(-1, num_classes), target.clamp(min=0).reshape(-1), reduction="none",
+        total = F.cross_entropy(
+            logits.reshape(-1, num_classes), safe.reshape(-1), ignore_index=skip, reduction="sum",
             label_smoothing=label_smoothing,
-        ).reshape(target.shape)
+        )
     except (IndexError, RuntimeError) as err:
-        bad = int(target[labelled].max()) if bool(labelled.any()) else -1
+        keep = safe >= 0 if skip < 0 else safe != skip
+        bad = int(target[keep].max()) if bool(keep.any()) else -1
         raise ValueError(
             f"label {bad} out of range for {num_classes} classes (expected 0..{num_classes - 1}): {err}"
         ) from None
-    return reduce_items(per_item, keep, num_items)
+    if num_items is None:
+        keep = safe >= 0 if skip < 0 else safe != skip
+        return total / keep.sum().clamp(min=1).to(total.dtype)
+    if isinstance(num_items, Tensor):
+        return total / num_items.to(total.dtype)
+    if not num_items > 0:  # also rejects NaN
+        raise ValueError(f"num_items must be > 0, got {num_items!r}")
+    return total / float(num_items)

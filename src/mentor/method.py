@@ -36,7 +36,8 @@ class Term:
         transform: Optional target transform applied to the target first.
         kwargs: Keyword arguments of the loss (temperature, ...).
         items: ``"all"`` or ``"labelled"``: which items of a batch the term covers; it is normalised by the number of
-            such items in the whole (accumulated, all-process) batch.
+            such items in the whole (accumulated, all-process) batch. A ``"labelled"`` term with ``target="label"``
+            relies on its loss dropping negative labels (as ``losses.cross_entropy`` does).
         weight: Weight schedule (a number is a constant).
     """
 
@@ -106,8 +107,14 @@ class Method:
 
 
 def term_mask(term: Term, labels: Tensor) -> Tensor | None:
-    """The items a term covers in a batch with ``labels`` (``None``: all)."""
-    return labels != UNLABELLED if term.items == "labelled" else None
+    """The items a term covers in a batch with ``labels`` (``None``: all).
+
+    A term whose target is the label itself gets no mask: the unlabelled marker is in the target, and a loss
+    against labels drops negative labels by contract (see :func:`mentor.losses.cross_entropy`).
+    """
+    if term.items != "labelled" or term.target == "label":
+        return None
+    return labels != UNLABELLED
 
 
 def compute_terms(
@@ -151,7 +158,8 @@ def compute_terms(
         n = None if num_items is None else num_items[term.name]
         value = term.loss(student[term.student], target, mask=term_mask(term, labels), num_items=n, **term.kwargs)
         values[term.name] = value
-        weighted = term.weight_at(step) * value
+        weight = term.weight_at(step)
+        weighted = value if weight == 1.0 else weight * value
         total = weighted if total is None else total + weighted
     assert total is not None
     return total, values

@@ -507,8 +507,12 @@ def fit(
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     raw_optimizer = optimizer.optimizer if plain and accelerator.scaler is None else optimizer
     optimizer_step = raw_optimizer.step
-    # The wrapper's zero_grad also inspects the signature of the wrapped one on every call (about 0.1 ms).
+    # The wrapper's zero_grad also inspects the signature of the wrapped one on every call (about 0.1 ms), and
+    # accelerator.backward only adds a loss scaler or DeepSpeed's engine, neither of which is in play here.
     optimizer_zero_grad = raw_optimizer.zero_grad
+    backward: Callable[[Tensor], None] = (
+        Tensor.backward if plain and accelerator.scaler is None else accelerator.backward
+    )
     model.train()
     started = time.perf_counter()
     epoch = start_epoch
@@ -533,7 +537,7 @@ def fit(
                         t_out = teacher.targets(x) if use_teacher else None  # type: ignore[union-attr]
                         s_out = as_outputs(model(x))
                     total, values = compute_terms(method, s_out, t_out, y, step, num_items)
-                    if not torch.isfinite(total):
+                    if not math.isfinite(total.detach().item()):  # .item(): 0.6 us; bool(isfinite()): 5 us
                         bad = next((k for k, v in values.items() if not torch.isfinite(v.detach())), "total")
                         raise NonFiniteLossError(
                             f"loss term {bad!r} is {float(values.get(bad, total).detach())} at step {step} "
@@ -542,7 +546,7 @@ def fit(
                             "any, is intact."
                         )
                     # Terms are already divided by the global item count; DDP averages gradients over processes.
-                    accelerator.backward(total * world if world > 1 else total)
+                    backward(total * world if world > 1 else total)
                 detached = [v.detach() for v in values.values()]
                 step_values = detached if not step_values else [a + b for a, b in zip(step_values, detached,
                                                                                        strict=True)]
