@@ -27,7 +27,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +147,32 @@ def _number(value: Any) -> float | None:
 # ------------------------------------------------------------------------------------------------------ plots
 
 
+def _series(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], x_of: Callable[[Mapping[str, Any]], float]
+) -> dict[str, list[tuple[float, float]]]:
+    """``{key: [(x, value), ...]}`` for every key with at least one numeric value in ``rows``."""
+    series = {}
+    for key in keys:
+        points = [(x_of(r), v) for r in rows if (v := _number(r.get(key))) is not None]
+        if points:
+            series[key] = points
+    return series
+
+
+def _finish(fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    _save_figure(fig, path)
+
+
 def _plot_losses(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     """Total loss and every ``loss/<term>`` over steps; ``False`` (nothing written) without training rows."""
     train = [r for r in rows if r.get("split") == "train" and _number(r.get("step")) is not None]
     keys = ["loss", *sorted({k for r in train for k in r if k.startswith("loss/")})]
-    series = {}
-    for key in keys:
-        points = [(float(r["step"]), v) for r in train if (v := _number(r.get(key))) is not None]
-        if points:
-            series[key] = points
+    series = _series(train, keys, lambda r: float(r["step"]))
     if not series:
         return False
     fig = _new_figure()
@@ -166,23 +183,14 @@ def _plot_losses(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3,
                 linewidth=2.2 if total else 1.3, color="black" if total else None,
                 label="loss (weighted total)" if total else key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss terms")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    _save_figure(fig, path)
+    _finish(fig, ax, path, xlabel="step", ylabel="loss", title="Training loss terms")
     return True
 
 
 def _plot_eval(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     """Accuracy and agreement over epochs; ``False`` (nothing written) without evaluation rows."""
     evals = [r for r in rows if r.get("split") == "eval" and _number(r.get("epoch")) is not None]
-    series = {}
-    for key in ("accuracy", "agreement"):
-        points = [(float(r["epoch"]) + 1.0, v) for r in evals if (v := _number(r.get(key))) is not None]
-        if points:
-            series[key] = points
+    series = _series(evals, ("accuracy", "agreement"), lambda r: float(r["epoch"]) + 1.0)
     if not series:
         return False
     fig = _new_figure()
@@ -193,13 +201,9 @@ def _plot_eval(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epochs completed")
-    ax.set_ylabel("fraction of test items")
     ax.set_ylim(0.0, 1.02)
-    ax.set_title("Evaluation on the test split")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    _save_figure(fig, path)
+    _finish(fig, ax, path, xlabel="epochs completed", ylabel="fraction of test items",
+            title="Evaluation on the test split")
     return True
 
 
