@@ -49,6 +49,21 @@ def make_data(n: int, dim: int, classes: int, unlabelled: float, dtype: torch.dt
     return TensorData(x, y)
 
 
+class PoisonOnRank(nn.Module):
+    """Wraps a teacher network: from its ``after``-th call on, returns NaN logits, on process ``rank`` only."""
+
+    def __init__(self, inner: nn.Module, rank: int, after: int) -> None:
+        super().__init__()
+        self.inner, self.rank, self.after, self.calls = inner, rank, after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.inner(x)
+        if int(os.environ.get("RANK", 0)) == self.rank and self.calls >= self.after:
+            return torch.full_like(out, float("nan"))
+        return out
+
+
 def build(case: str) -> tuple[nn.Module, Any, Any, Any, Any]:
     """``(student, teacher, method, data, optim)`` of a case."""
     from mentor import recipes, teachers
@@ -72,6 +87,13 @@ def build(case: str) -> tuple[nn.Module, Any, Any, Any, Any]:
         data = make_data(400, dim, classes, unlabelled=0.5, dtype=torch.float32)
         optim = Optim(name="adamw", lr=3e-3, weight_decay=0.01, schedule="linear", warmup_steps=5)
         return student, teacher, recipes.hinton_kd(temperature=2.0, alpha=0.5), data, optim
+    if case == "ddp_nan":  # the ddp case; process 1's teacher turns NaN from its 4th call
+        student = mlp(0, dim, classes, dtype=torch.float64)
+        poisoned = PoisonOnRank(mlp(100, dim, classes, dtype=torch.float64), rank=1, after=4)
+        # the dry-run check in fit calls the teacher once before training: count it
+        teacher = teachers.Frozen(poisoned)
+        data = make_data(64, dim, classes, unlabelled=0.5, dtype=torch.float64)
+        return student, teacher, recipes.hinton_kd(temperature=2.0, alpha=0.5), data, Optim(lr=1e-2)
     raise ValueError(f"unknown case {case!r}")
 
 
@@ -130,6 +152,20 @@ def main(spec_path: str) -> None:
             tmp.write_text(spec["rewind_latest_to"])
             os.replace(tmp, ckpts / "latest")
 
+        report_dir = Path(spec["report_dir"])
+        report_dir.mkdir(parents=True, exist_ok=True)
+        if spec.get("expect_error"):
+            rank = int(os.environ.get("RANK", 0))
+            try:
+                train.fit(student, method, data, teacher=teacher, **fit_kwargs(spec, optim))
+                error = None
+            except train.NonFiniteLossError as err:
+                error = str(err)
+            weights_finite = all(bool(torch.isfinite(p).all()) for p in student.parameters())
+            (report_dir / f"report_rank{rank}_run{run_index}.json").write_text(
+                json.dumps({"rank": rank, "error": error, "weights_finite": weights_finite})
+            )
+            continue
         result = train.fit(student, method, data, teacher=teacher, **fit_kwargs(spec, optim))
 
         teacher_ids = {id(p) for p in teacher_model.parameters()}
@@ -160,8 +196,6 @@ def main(spec_path: str) -> None:
             "teacher_in_train_mode": teacher_model.training,
             "teacher_unchanged": all(torch.equal(v, teacher_model.state_dict()[k]) for k, v in frozen_before.items()),
         }
-        report_dir = Path(spec["report_dir"])
-        report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / f"report_rank{report['rank']}_run{run_index}.json").write_text(json.dumps(report))
 
 

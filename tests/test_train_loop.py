@@ -236,6 +236,29 @@ def _reference(spec: dict[str, Any]) -> FitResult:
 
 
 @pytest.mark.slow
+def test_ddp_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path: Path) -> None:
+    """Process 1's teacher turns NaN at its 4th call (one dry-run call in fit's checks, then steps 0, 1, 2): both
+    processes stop with NonFiniteLossError at step 2, process 1 naming the term, process 0 pointing at another
+    process, and neither takes the poisoned step (weights stay finite), instead of one hanging in an all-reduce."""
+    spec = {"case": "ddp_nan", "epochs": 2, "log_every": 1, "batch_size": 4, "out": str(tmp_path / "nan"),
+            "report_dir": str(tmp_path / "nan_report"), "expect_error": True}
+    port = str(_free_port())
+    procs = {}
+    for rank in range(2):
+        dist = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs[f"rank{rank}"] = _spawn(spec, tmp_path, f"rank{rank}", dist)
+    for name, proc in procs.items():
+        _wait(proc, tmp_path, name, timeout=120)
+    rank0, rank1 = (_report(tmp_path / "nan_report", rank) for rank in range(2))
+    assert rank1["error"] is not None and re.search(r"loss term 'kd' is nan at step 2\b", rank1["error"])
+    assert "process 1" in rank1["error"]
+    assert rank0["error"] is not None and re.search(r"not finite on another process at step 2\b", rank0["error"])
+    assert rank0["weights_finite"] and rank1["weights_finite"]
+    assert not (tmp_path / "nan" / "student.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     """2 processes x micro-batch 4 (and 2 processes x 2 x 2 accumulation steps, where DDP skips the gradient sync of
     the first micro-batch) equal 1 process x 8: the same global batches, the labelled CE term normalised by the

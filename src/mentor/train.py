@@ -527,6 +527,7 @@ def fit(
             num_items = counts[batch_idx]
             micro = [index] if grad_accum == 1 and world == 1 else _micro_batches(index, grad_accum, world, rank)
             step_values: list[Tensor] = []
+            nonfinite: str | None = None
             for m, micro_index in enumerate(micro):
                 x, y = train_data.take(micro_index)
                 if not on_cpu:
@@ -539,17 +540,30 @@ def fit(
                     total, values = compute_terms(method, s_out, t_out, y, step, num_items)
                     if not math.isfinite(total.detach().item()):  # .item(): 0.6 us; bool(isfinite()): 5 us
                         bad = next((k for k, v in values.items() if not torch.isfinite(v.detach())), "total")
-                        raise NonFiniteLossError(
+                        nonfinite = nonfinite or (
                             f"loss term {bad!r} is {float(values.get(bad, total).detach())} at step {step} "
-                            f"(counting from 0; {step} steps completed; epoch {epoch}, batch {batch_idx}); stopping. "
-                            "Check the learning rate, the inputs and the teacher's outputs. The last checkpoint, if "
-                            "any, is intact."
+                            f"(counting from 0; {step} steps completed; epoch {epoch}, batch {batch_idx}"
+                            + (f", process {rank}" if world > 1 else "") + "); stopping. Check the learning rate, "
+                            "the inputs and the teacher's outputs. The last checkpoint, if any, is intact."
                         )
+                        if world == 1:
+                            raise NonFiniteLossError(nonfinite)
                     # Terms are already divided by the global item count; DDP averages gradients over processes.
                     backward(total * world if world > 1 else total)
                 detached = [v.detach() for v in values.values()]
                 step_values = detached if not step_values else [a + b for a, b in zip(step_values, detached,
                                                                                        strict=True)]
+            if world > 1:
+                # Every process must stop at the same step, or the others wait for it in the next all-reduce. A
+                # process that saw a non-finite loss still ran its backward (the gradients are discarded, no step
+                # is taken), so the collectives stay matched; then all processes agree here.
+                flags = accelerator.reduce(torch.tensor(0.0 if nonfinite is None else 1.0, device=device), "sum")
+                if float(flags) > 0:
+                    raise NonFiniteLossError(
+                        nonfinite or f"a loss term is not finite on another process at step {step} (counting from "
+                        f"0; epoch {epoch}, batch {batch_idx}); stopping on every process. The last checkpoint, "
+                        "if any, is intact."
+                    )
             if optim.grad_clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
             optimizer_step()
