@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from mentor import atomic
 
 __all__ = ["TensorData", "UNLABELLED", "mnist1d", "mnist1d_transfer", "cache_dir", "check_data"]
 
@@ -103,15 +104,8 @@ def cache_dir() -> Path:
 
 
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.replacing(path) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
 
 
 def _load_cached(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:

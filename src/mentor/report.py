@@ -26,13 +26,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from mentor import atomic
 
 __all__ = ["format_value", "read_metrics", "write_comparison_report", "write_report"]
 
@@ -73,23 +74,6 @@ def _escape_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _save_figure(fig: Any, path: Path) -> None:
     """Render ``fig`` as PNG with the Agg canvas and write it atomically."""
     import io
@@ -99,7 +83,7 @@ def _save_figure(fig: Any, path: Path) -> None:
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_PLOT_DPI, bbox_inches="tight")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def _new_figure(width: float = 6.4, height: float = 4.0) -> Any:
@@ -440,7 +424,7 @@ def write_report(run_dir: str | Path, *, latency_batch: int = 1000) -> Path:
         lines += [f"### {title}", "", f"![{title}]({rel})", ""]
     lines += ["## Resolved config", "", "```yaml", config_text.rstrip("\n"), "```", ""]
     report = run_dir / "report.md"
-    _atomic_write_text(report, "\n".join(lines))
+    atomic.write_text(report, "\n".join(lines))
     return report
 
 
@@ -530,5 +514,5 @@ def write_comparison_report(
                 else:
                     lines.append(f"- **{name}**: [{rel}]({rel})")
             lines.append("")
-    _atomic_write_text(path, "\n".join(lines))
+    atomic.write_text(path, "\n".join(lines))
     return path

@@ -9,7 +9,6 @@ them that lists every generation.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mentor import atomic
 from mentor.config import ConfigError, RunConfig, TeacherConfig, dump_config, load_config
 from mentor.data import TensorData, check_data, mnist1d, mnist1d_transfer
 from mentor.method import Method
 from mentor.models import build_model
 from mentor.recipes import build_recipe
 from mentor.teachers import Frozen
-from mentor.train import FitResult, Optim, _check_setup, fit, load_model_weights
+from mentor.train import FitResult, Optim, check_setup, fit, load_model_weights
 
 __all__ = ["RunResult", "load_data", "load_teacher", "run", "build_student"]
 
@@ -97,13 +97,6 @@ def _labels_only(method: Method) -> Method:
     return Method(method.name, terms, 1, method.description)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResult:
     """Run a validated config end to end (every generation), writing the run directory."""
     method = build_recipe(cfg.recipe.name, cfg.recipe.args)
@@ -131,17 +124,17 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
         )
     teacher = Frozen(teacher_model) if teacher_model is not None else None
     first_method = method if (teacher is not None or not method.needs_teacher) else _labels_only(method)
-    _check_setup(first_student, teacher, first_method, train_data, "train data")
+    check_setup(first_student, teacher, first_method, train_data, "train data")
     check_data(test_data, "eval data")
     optim = Optim(**cfg.optim.model_dump())
-    _write_text(out / "config.yaml", dump_config(cfg))
+    atomic.write_text(out / "config.yaml", dump_config(cfg))
     results: list[FitResult] = []
     for gen in range(1, method.generations + 1):
         gen_out = out if method.generations == 1 else out / f"gen{gen}"
         gen_method = method if (teacher is not None or not method.needs_teacher) else _labels_only(method)
         student = build_student(cfg, cfg.seed + gen - 1)
         if method.generations > 1:
-            _write_text(gen_out / "config.yaml", dump_config(cfg))
+            atomic.write_text(gen_out / "config.yaml", dump_config(cfg))
         result = fit(
             student, gen_method, train_data, teacher=teacher, eval_data=test_data, epochs=t.epochs,
             max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, optim=optim,
@@ -161,7 +154,7 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
             teacher = Frozen(prev)
     if method.generations > 1:
         summary = [{"generation": i + 1, **r.metrics} for i, r in enumerate(results)]
-        _write_text(out / "result.json", json.dumps({"generations": summary}, indent=2))
+        atomic.write_text(out / "result.json", json.dumps({"generations": summary}, indent=2))
     return RunResult(cfg, results)
 
 

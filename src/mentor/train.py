@@ -33,6 +33,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mentor import atomic
 from mentor.data import UNLABELLED, TensorData, check_data
 from mentor.eval import evaluate
 from mentor.method import Method, compute_terms
 from mentor.teachers import Teacher, as_outputs
 
-__all__ = ["Optim", "FitResult", "NonFiniteLossError", "fit", "build_optimizer", "save_model", "load_model_weights"]
+__all__ = ["Optim", "FitResult", "NonFiniteLossError", "fit", "build_optimizer", "save_model", "load_model_weights",
+           "check_setup"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,10 +141,9 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     """Write a model's state dict to ``path`` as safetensors, atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
@@ -228,9 +230,7 @@ def _write_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = ckpt_root / "latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, ckpt_root / "latest")
+    atomic.write_text(ckpt_root / "latest", final.name)
     kept = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in kept[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -274,7 +274,7 @@ def _num_items(method: Method, labels: Tensor) -> dict[str, float]:
     return {t.name: max(labelled if t.items == "labelled" else float(labels.shape[0]), 1.0) for t in method.terms}
 
 
-def _check_setup(student: nn.Module, teacher: Teacher | None, method: Method, data: TensorData, name: str) -> int:
+def check_setup(student: nn.Module, teacher: Teacher | None, method: Method, data: TensorData, name: str) -> int:
     """Dry-run one tiny batch through student and teacher; return the class count. Fails before any training."""
     if method.needs_teacher and teacher is None:
         raise ValueError(f"recipe {method.name!r} needs a teacher, but none was given (set 'teacher' in the config)")
@@ -380,7 +380,7 @@ def fit(
         raise ValueError("train.mixed_precision 'fp16' needs a CUDA GPU; on the CPU use 'bf16' or 'no'")
     if resume and out is None:
         raise ValueError("resume=True needs the run directory 'out'")
-    _check_setup(student, teacher, method, train_data, "train data")
+    check_setup(student, teacher, method, train_data, "train data")
     if eval_data is not None:
         check_data(eval_data, "eval data")
 
@@ -448,7 +448,7 @@ def fit(
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r.get("step", 0) <= step]
             if accelerator.is_main_process:
-                _write_jsonl(metrics_path, rows)
+                atomic.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
             history = rows
     elif out_dir is not None and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -497,7 +497,7 @@ def fit(
     term_names = [t.name for t in method.terms]
     use_teacher = teacher is not None and method.needs_teacher
     update = getattr(teacher, "update", None) if teacher is not None else None
-    autocast = accelerator.autocast if mixed_precision != "no" else _nullcontext
+    autocast = accelerator.autocast if mixed_precision != "no" else nullcontext
     on_cpu = device.type == "cpu"
     # Accelerate's AcceleratedOptimizer.step looks up an optional package with importlib on every call (accelerate
     # 1.15: `is_lomo_available()`, about 0.25 ms per step on a CPU core). Where the wrapper adds nothing (no fp16
@@ -532,7 +532,7 @@ def fit(
                 x, y = train_data.take(micro_index)
                 if not on_cpu:
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                ctx = accelerator.no_sync(model) if world > 1 and m < len(micro) - 1 else _nullcontext()
+                ctx = accelerator.no_sync(model) if world > 1 and m < len(micro) - 1 else nullcontext()
                 with ctx:
                     with autocast():
                         t_out = teacher.targets(x) if use_teacher else None  # type: ignore[union-attr]
@@ -602,28 +602,9 @@ def fit(
     unwrapped = accelerator.unwrap_model(model)
     if out_dir is not None and accelerator.is_main_process:
         save_model(unwrapped, out_dir / "student.safetensors")
-        _write_json(out_dir / "result.json", {"metrics": final_metrics, "steps": step})
+        atomic.write_text(out_dir / "result.json", json.dumps({"metrics": final_metrics, "steps": step}, indent=2))
     if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return FitResult(student=unwrapped, metrics=final_metrics, history=history, steps=step, out=out_dir)
 
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
