@@ -510,3 +510,17 @@ def test_resume_after_max_steps_continues_the_same_data_order(tmp_path: Path) ->
     assert _small_run(run, resume=True).steps == 16
     _assert_weights_equal(ref / "student.safetensors", run / "student.safetensors")
     assert _train_rows(_metrics(run)) == _train_rows(_metrics(ref))
+
+
+def test_elapsed_seconds_continue_across_a_resume(tmp_path: Path) -> None:
+    """``elapsed_s`` counts training time of the whole run: after a resume it continues from the checkpoint's."""
+    run = tmp_path / "run"
+    _small_run(run, max_steps=5)
+    state = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "state.json").read_text())
+    assert state["elapsed_s"] > 0
+    _small_run(run, resume=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("split") == "train"]
+    after = [r["elapsed_s"] for r in rows if r["step"] > 5]
+    assert after and min(after) >= state["elapsed_s"]
+    assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)

@@ -203,7 +203,7 @@ def _write_checkpoint(
     teacher: Teacher | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    position: dict[str, int],
+    position: dict[str, Any],
     keep_last: int,
     loop_state: Mapping[str, Tensor] | None = None,
 ) -> Path:
@@ -422,6 +422,7 @@ def fit(
     step = 0
     start_epoch, start_batch = 0, 0
     resumed_window: Tensor | None = None
+    elapsed_before = 0.0  # training seconds of the run before a resume
     if resume:
         assert ckpt_root is not None and metrics_path is not None
         path = _read_checkpoint(ckpt_root)
@@ -435,6 +436,7 @@ def fit(
         scheduler.load_state_dict(opt_state["scheduler"])
         state = json.loads((path / "state.json").read_text())
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         rng = load_file(str(path / "rng.safetensors"))
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
@@ -483,7 +485,8 @@ def fit(
         window = accelerator.reduce(torch.stack([torch.stack(v) for v in running]), "sum") if running else None
         if accelerator.is_main_process:
             _write_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), teacher, optimizer, scheduler,
-                              {"step": step, "epoch": epoch, "batch": batch}, keep_checkpoints,
+                              {"step": step, "epoch": epoch, "batch": batch,
+                               "elapsed_s": elapsed_before + time.perf_counter() - started}, keep_checkpoints,
                               {"running": window} if window is not None else None)
         accelerator.wait_for_everyone()
 
@@ -578,7 +581,7 @@ def fit(
                 means = torch.stack([torch.stack(v) for v in running]).mean(dim=0)
                 reduced = accelerator.reduce(means, "sum").tolist()
                 row: dict[str, Any] = {"step": step, "epoch": epoch, "split": "train",
-                                       "elapsed_s": time.perf_counter() - started,
+                                       "elapsed_s": elapsed_before + time.perf_counter() - started,
                                        "loss": float(sum(t.weight_at(step - 1) * v
                                                          for t, v in zip(method.terms, reduced, strict=True))),
                                        "lr": scheduler.get_last_lr()[0]}
