@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from mentor import atomic
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -32,6 +34,4 @@ def write_section(name: str, body: str) -> None:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    atomic.write_text(RESULTS, text)
