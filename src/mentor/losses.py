@@ -67,6 +67,13 @@ def _check_pair(student: Tensor, teacher: Tensor) -> None:
         )
 
 
+def _positive(num_items: int | float) -> float:
+    """A numeric normaliser, checked: ``num_items > 0`` (NaN is rejected too)."""
+    if not num_items > 0:
+        raise ValueError(f"num_items must be > 0, got {num_items!r}")
+    return float(num_items)
+
+
 def reduce_items(per_item: Tensor, mask: Tensor | None = None, num_items: NumItems = None) -> Tensor:
     """Sum per-item losses over the kept items and divide by the normaliser.
 
@@ -91,9 +98,7 @@ def reduce_items(per_item: Tensor, mask: Tensor | None = None, num_items: NumIte
         return total / count.clamp(min=1).to(total.dtype)
     if isinstance(num_items, Tensor):
         return total / num_items.to(total.dtype)
-    if not num_items > 0:  # also rejects NaN
-        raise ValueError(f"num_items must be > 0, got {num_items!r}")
-    return total / float(num_items)
+    return total / _positive(num_items)
 
 
 def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -110,9 +115,7 @@ def _item_count(shaped: Tensor, num_items: int | float | None) -> float:
     """The normaliser for a mask-free reduction over ``shaped`` (``[..., C]``)."""
     if num_items is None:
         return float(max(shaped.numel() // max(shaped.shape[-1], 1), 1))
-    if not num_items > 0:  # also rejects NaN
-        raise ValueError(f"num_items must be > 0, got {num_items!r}")
-    return float(num_items)
+    return _positive(num_items)
 
 
 def _total_sum(total: Tensor, shaped: Tensor, num_items: int | float | None, scale: float) -> Tensor:
@@ -394,6 +397,4 @@ def cross_entropy(
         return total / keep.sum().clamp(min=1).to(total.dtype)
     if isinstance(num_items, Tensor):
         return total / num_items.to(total.dtype)
-    if not num_items > 0:  # also rejects NaN
-        raise ValueError(f"num_items must be > 0, got {num_items!r}")
-    return total / float(num_items)
+    return total / _positive(num_items)
