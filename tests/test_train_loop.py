@@ -154,6 +154,17 @@ def _wait(proc: subprocess.Popen, tmp: Path, name: str, timeout: float = 180) ->
     assert proc.returncode == 0, f"worker {name} exited with {proc.returncode}:\n{log[-4000:]}"
 
 
+def _spawn_two_processes(spec: dict[str, Any], tmp: Path) -> dict[str, subprocess.Popen]:
+    """Start ranks 0 and 1 of a 2-process (gloo) run of ``spec``, as torchrun would set their environment."""
+    port = str(_free_port())
+    procs = {}
+    for rank in range(2):
+        dist = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs[f"rank{rank}"] = _spawn(spec, tmp, f"rank{rank}", dist)
+    return procs
+
+
 def _report(report_dir: Path, rank: int = 0, run: int = 0) -> dict[str, Any]:
     return json.loads((report_dir / f"report_rank{rank}_run{run}.json").read_text())
 
@@ -242,12 +253,7 @@ def test_ddp_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path: P
     process, and neither takes the poisoned step (weights stay finite), instead of one hanging in an all-reduce."""
     spec = {"case": "ddp_nan", "epochs": 2, "log_every": 1, "batch_size": 4, "out": str(tmp_path / "nan"),
             "report_dir": str(tmp_path / "nan_report"), "expect_error": True}
-    port = str(_free_port())
-    procs = {}
-    for rank in range(2):
-        dist = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        procs[f"rank{rank}"] = _spawn(spec, tmp_path, f"rank{rank}", dist)
+    procs = _spawn_two_processes(spec, tmp_path)
     for name, proc in procs.items():
         _wait(proc, tmp_path, name, timeout=120)
     rank0, rank1 = (_report(tmp_path / "nan_report", rank) for rank in range(2))
@@ -271,12 +277,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
                 "keep_checkpoints": 10}
     resumed_run = {**ckpt_run, "resume": True, "rewind_latest_to": "step_00000003"}
     ddp_spec = {**base, "report_dir": str(tmp_path / "ddp_report"), "runs": [*ddp_runs, ckpt_run, resumed_run]}
-    port = str(_free_port())
-    procs = {}
-    for rank in range(2):
-        dist = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        procs[f"rank{rank}"] = _spawn(ddp_spec, tmp_path, f"rank{rank}", dist)
+    procs = _spawn_two_processes(ddp_spec, tmp_path)
     ref = _reference({**base, "batch_size": 8, "out": str(tmp_path / "ref")})  # while the workers start
     for name, proc in procs.items():
         _wait(proc, tmp_path, name)
