@@ -572,3 +572,17 @@ def test_generalized_jsd_beta_out_of_range() -> None:
 def test_loss_temperature_zero() -> None:
     with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
         losses.kl_div(torch.randn(4, 10), torch.randn(4, 10), temperature=0)
+
+
+def test_tracker_without_its_package_fails_before_training(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here; the error path needs it absent")
+    data = TensorData(torch.randn(16, 40), torch.randint(0, 10, (16,)))
+    with pytest.raises(ValueError, match=r"train.trackers: 'tensorboard' needs the 'tensorboard' package"):
+        fit(MLP(hidden=[8]), recipes.supervised(), data, epochs=1, batch_size=8, out=tmp_path / "run",
+            trackers=["tensorboard"], progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match=r"unknown tracker 'comet'"):
+        fit(MLP(hidden=[8]), recipes.supervised(), data, epochs=1, batch_size=8, trackers=["comet"], progress=False)

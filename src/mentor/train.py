@@ -26,6 +26,7 @@ the interrupted run are dropped.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -250,6 +251,21 @@ def _read_checkpoint(ckpt_root: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ loop
 
 
+def _fresh_accelerate_state() -> None:
+    """Let each ``fit`` in one single-process Python session choose its own device and precision.
+
+    Accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another ``mixed_precision``
+    ("AcceleratorState has already been initialized and cannot be changed"), so a notebook that calls ``fit`` with
+    bf16 and then without it would fail. In a single process nothing else depends on that state between fits, so
+    it is reset; under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) the launcher's state is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def _micro_batches(index: Tensor, grad_accum: int, world: int, rank: int) -> list[Tensor]:
     per = index.shape[0] // (grad_accum * world)
     return list(index.view(grad_accum, world, per)[:, rank])
@@ -376,6 +392,14 @@ def fit(
         raise ValueError(f"train.max_steps must be >= 1 or null, got {max_steps}")
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"train.mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    for tracker in trackers:
+        package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(tracker)
+        if package is None:
+            raise ValueError(
+                f"train.trackers: unknown tracker {tracker!r}, expected 'tensorboard', 'wandb' or 'mlflow'"
+            )
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"train.trackers: {tracker!r} needs the {package!r} package (pip install {package})")
     if mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
         raise ValueError("train.mixed_precision 'fp16' needs a CUDA GPU; on the CPU use 'bf16' or 'no'")
     if resume and out is None:
@@ -388,6 +412,7 @@ def fit(
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+    _fresh_accelerate_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision, cpu=cpu, log_with=list(trackers) or None,
         project_dir=str(out) if out is not None else None,
