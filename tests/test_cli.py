@@ -131,3 +131,26 @@ def test_shipped_configs_validate() -> None:
     for path in paths:
         cfg = load_config(path)
         assert cfg.name == path.stem
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+    """The README's multi-process CPU command: torchrun starts 2 processes (gloo) that train one run together (half
+    the steps of one process at the same per-process batch); rank 0 alone writes the files and prints the table."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _small(tmp_path, "launched")
+    cfg["train"]["batch_size"] = 25  # per process: a global batch of 50, 300 // 50 = 6 steps per epoch
+    path = _write(tmp_path / "c.yaml", cfg)
+    launcher = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "-m", "mentor.cli", "train", str(path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1
+    run_dir = tmp_path / "launched"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
+    assert (run_dir / "report.md").is_file() and (run_dir / "student.safetensors").is_file()

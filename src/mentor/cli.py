@@ -40,10 +40,12 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mentor.config import load_config
-    from mentor.run import run
+    from mentor.run import is_main_process, run
 
     cfg = load_config(args.config, args.overrides)
     result = run(cfg, resume=args.resume)
+    if not is_main_process():
+        return 0
     rows = [{"name": f"{cfg.name}" + (f" gen{i + 1}" if len(result.generations) > 1 else ""), **r.metrics}
             for i, r in enumerate(result.generations)]
     print(format_table(rows))

@@ -9,6 +9,7 @@ them that lists every generation.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,11 @@ def _labels_only(method: Method) -> Method:
     return Method(method.name, terms, 1, method.description)
 
 
+def is_main_process() -> bool:
+    """Whether this is the process that writes run files: rank 0 under ``accelerate launch`` / ``torchrun``."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResult:
     """Run a validated config end to end (every generation), writing the run directory."""
     method = build_recipe(cfg.recipe.name, cfg.recipe.args)
@@ -127,13 +133,15 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
     check_setup(first_student, teacher, first_method, train_data, "train data")
     check_data(test_data, "eval data")
     optim = Optim(**cfg.optim.model_dump())
-    atomic.write_text(out / "config.yaml", dump_config(cfg))
+    main = is_main_process()
+    if main:
+        atomic.write_text(out / "config.yaml", dump_config(cfg))
     results: list[FitResult] = []
     for gen in range(1, method.generations + 1):
         gen_out = out if method.generations == 1 else out / f"gen{gen}"
         gen_method = method if (teacher is not None or not method.needs_teacher) else _labels_only(method)
         student = build_student(cfg, cfg.seed + gen - 1)
-        if method.generations > 1:
+        if method.generations > 1 and main:
             atomic.write_text(gen_out / "config.yaml", dump_config(cfg))
         result = fit(
             student, gen_method, train_data, teacher=teacher, eval_data=test_data, epochs=t.epochs,
@@ -144,7 +152,7 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
             progress=t.progress, trackers=t.trackers, run_config=cfg.model_dump(mode="json"),
         )
         results.append(result)
-        if report:
+        if report and main:
             from mentor.report import write_report
 
             write_report(gen_out)
@@ -152,7 +160,7 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
             prev = build_student(cfg, 0)
             prev.load_state_dict(result.student.state_dict())
             teacher = Frozen(prev)
-    if method.generations > 1:
+    if method.generations > 1 and main:
         summary = [{"generation": i + 1, **r.metrics} for i, r in enumerate(results)]
         atomic.write_text(out / "result.json", json.dumps({"generations": summary}, indent=2))
     return RunResult(cfg, results)

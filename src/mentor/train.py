@@ -413,10 +413,18 @@ def fit(
     torch.manual_seed(seed)
 
     _fresh_accelerate_state()
+    # Without a GPU, Accelerate forms a multi-process (gloo) group under torchrun only when told cpu=True; with
+    # cpu=False every process would silently train alone on the same files.
     accelerator = Accelerator(
-        mixed_precision=mixed_precision, cpu=cpu, log_with=list(trackers) or None,
+        mixed_precision=mixed_precision, cpu=cpu or not torch.cuda.is_available(), log_with=list(trackers) or None,
         project_dir=str(out) if out is not None else None,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE) but Accelerate formed a group of "
+            f"{accelerator.num_processes}; check the launcher's settings (accelerate config / torchrun flags)"
+        )
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     global_batch = batch_size * grad_accum * world
