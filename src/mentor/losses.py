@@ -33,6 +33,17 @@ __all__ = [
     "tvd",
     "soft_cross_entropy",
     "cross_entropy",
+    "dkd",
+    "dist",
+    "rkd_distance",
+    "rkd_angle",
+    "attention_transfer",
+    "similarity_preserving",
+    "linear_cka",
+    "cka_loss",
+    "hint_mse",
+    "cosine_embedding",
+    "smooth_l1",
 ]
 
 NumItems = int | float | Tensor | None
@@ -398,3 +409,502 @@ def cross_entropy(
     if isinstance(num_items, Tensor):
         return total / num_items.to(total.dtype)
     return total / _positive(num_items)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The classic catalogue: decoupled and correlation-based logit losses, feature and relational losses.
+#
+# Relational losses (DIST's column term, RKD, similarity preserving, CKA) compare items of one batch with each
+# other, so they have no per-item decomposition and take no ``mask`` / ``num_items``: they are means over the
+# batch they are given. The per-item feature losses (``hint_mse``, ``cosine_embedding``, ``smooth_l1``) follow the
+# module contract.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Floors under square roots and norms: they keep gradients finite where a norm or a distance is exactly zero
+# (duplicate embeddings, an all-zero attention map, a constant row of probabilities). Far below any scale that
+# ordinary inputs reach, so they do not change values there.
+_NORM_EPS = 1e-12  # vector norms: ||v|| is read as max(||v||, 1e-12)
+_DIST_EPS_SQ = 1e-12  # RKD squared distances: a distance is read as max(||e_i - e_j||, 1e-6)
+_PEARSON_EPS = 1e-8  # Pearson correlation: cov / max(sd_a * sd_b, 1e-8)
+_COSINE_EPS = 1e-8  # cosine_embedding: <a, b> / (max(||a||, 1e-8) * max(||b||, 1e-8))
+
+
+def _check_weight(name: str, value: float) -> None:
+    """A loss weight: a finite real number >= 0."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _floating(name: str, x: Tensor) -> Tensor:
+    """``x`` as float32 (half precision in) or as it is (float32 / float64); anything else is an error."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check_same_shape(what: str, student: Tensor, teacher: Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher {what} must have the same shape, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+
+
+def _batch_rows(name: str, x: Tensor) -> Tensor:
+    """``[B, ...]`` -> float ``[B, D]`` (extra dimensions flattened)."""
+    x = _floating(name, x)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [B, D] (extra dimensions are flattened), got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1)
+
+
+def _check_batch(student: Tensor, teacher: Tensor) -> None:
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher must have the same number of items (dim 0), got {student.shape[0]} "
+            f"(shape {tuple(student.shape)}) and {teacher.shape[0]} (shape {tuple(teacher.shape)})"
+        )
+
+
+def _unit(v: Tensor, dim: int = -1, eps: float = _NORM_EPS) -> Tensor:
+    """``v / max(||v||, eps)`` along ``dim``; a zero vector stays zero, with a finite gradient.
+
+    The floor is applied to the squared norm before the root, so no square root is ever taken of zero.
+    """
+    return v * torch.rsqrt((v * v).sum(dim=dim, keepdim=True).clamp(min=eps * eps))
+
+
+def _per_item_sum(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first (items): ``[B, ...] -> [B]``."""
+    return x.sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
+
+
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Decoupled knowledge distillation, DKD (Zhao et al. 2022, https://arxiv.org/abs/2203.08679).
+
+    ``T^2 * (alpha * TCKD + beta * NCKD)``, each a mean over items:
+
+    * TCKD ("target class knowledge distillation") is ``KL(b_t || b_s)`` between the binary distributions
+      ``b = [p_target, 1 - p_target]`` of the softened (``softmax(z / T)``) teacher and student.
+    * NCKD ("non-target class knowledge distillation") is ``KL(p^_t || p^_s)`` between the distributions over the
+      ``C - 1`` non-target classes, renormalised: ``p^ = softmax`` at temperature ``T`` of the logits with the
+      target class removed.
+
+    With ``alpha = 1`` and ``beta = 1 - p_target`` of the teacher (per item) the sum is the classic KD loss
+    (the paper's Eq. 7), which the tests check.
+
+    Args:
+        student_logits: ``[B, C]`` (or ``[..., C]``: every leading dimension indexes items), ``C >= 2``.
+        teacher_logits: Same shape.
+        target: Integer class indices ``[B]`` (``[...]``), each in ``0 .. C - 1``.
+        alpha: Weight of TCKD (>= 0).
+        beta: Weight of NCKD (>= 0); the paper uses 8 on CIFAR-100 and 0.5 on ImageNet.
+        temperature: Softmax temperature ``T`` (> 0); the result is scaled by ``T^2``.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_weight("alpha", alpha)
+    _check_weight("beta", beta)
+    _check_temperature("temperature", temperature)
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 2:
+        raise ValueError(f"dkd needs logits [B, C] with at least 2 classes, got shape {tuple(student_logits.shape)}")
+    num_classes = student_logits.shape[-1]
+    integer = isinstance(target, Tensor) and not (
+        target.is_floating_point() or target.is_complex() or target.dtype == torch.bool
+    )
+    if not integer:
+        got = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise TypeError(f"target must hold integer class indices, got {got}")
+    if target.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(student_logits.shape)} "
+            "without its class dimension"
+        )
+    if target.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(target))
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"label {bad} out of range for {num_classes} classes (expected 0..{num_classes - 1})")
+
+    z_s = _as_float(student_logits) / temperature
+    z_t = _as_float(teacher_logits) / temperature
+    index = target.to(device=z_s.device, dtype=torch.long).unsqueeze(-1)  # [..., 1]
+    # Non-target classes of each item, in order: j + (j >= target) for j = 0 .. C - 2.
+    j = torch.arange(num_classes - 1, device=z_s.device)
+    others = j + (j >= index).long()  # [..., C - 1]
+
+    def parts(z: Tensor) -> tuple[Tensor, Tensor]:
+        log_p = F.log_softmax(z, dim=-1)
+        log_gt = log_p.gather(-1, index)
+        log_rest = torch.logsumexp(log_p.gather(-1, others), dim=-1, keepdim=True)  # log(1 - p_target), stably
+        binary = torch.cat([log_gt, log_rest], dim=-1)  # [..., 2]
+        non_target = F.log_softmax(z.gather(-1, others), dim=-1)  # [..., C - 1], renormalised
+        return binary, non_target
+
+    bin_s, nt_s = parts(z_s)
+    bin_t, nt_t = parts(z_t)
+    tckd = _kl_terms(bin_t, bin_s).sum(dim=-1)
+    nckd = _kl_terms(nt_t, nt_s).sum(dim=-1)
+    return reduce_items(alpha * tckd + beta * nckd) * temperature**2
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """Pearson correlation of ``a`` and ``b`` along ``dim``: ``cov / max(sd_a * sd_b, eps)``.
+
+    A constant slice (zero variance) has correlation 0, with a finite (zero) gradient through the denominator.
+    """
+    a = a - a.mean(dim=dim, keepdim=True)
+    b = b - b.mean(dim=dim, keepdim=True)
+    cov = (a * b).sum(dim=dim)
+    var = (a * a).sum(dim=dim) * (b * b).sum(dim=dim)
+    return cov / var.clamp(min=_PEARSON_EPS**2).sqrt()
+
+
+def dist(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+) -> Tensor:
+    """DIST: distillation from a stronger teacher by correlation (Huang et al. 2022, https://arxiv.org/abs/2205.10536).
+
+    With ``P = softmax(z / T)`` of shape ``[B, C]`` for student and teacher,
+    ``T^2 * (beta * (1 - mean_i rho(P_s[i, :], P_t[i, :])) + gamma * (1 - mean_c rho(P_s[:, c], P_t[:, c])))``
+    where ``rho`` is the Pearson correlation: the first term is the paper's inter-class relation (each item, over
+    its classes), the second its intra-class relation (each class, over the batch).
+
+    ``rho = cov / max(sd_a * sd_b, 1e-8)``: a row or column without variance (all classes equally likely, or a
+    batch of one item for the column term) has correlation 0, so its term is a constant with zero gradient. The
+    authors' implementation adds ``1e-8`` to the denominator instead; the two agree to about ``1e-8 / (sd_a sd_b)``.
+
+    Args:
+        student_logits: ``[B, C]``; further leading dimensions (``[..., C]``) are flattened into the batch.
+        teacher_logits: Same shape.
+        beta: Weight of the inter-class (row) term (>= 0).
+        gamma: Weight of the intra-class (column) term (>= 0).
+        temperature: Softmax temperature ``T`` (> 0); the result is scaled by ``T^2``.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_weight("beta", beta)
+    _check_weight("gamma", gamma)
+    _check_temperature("temperature", temperature)
+    if student_logits.dim() < 2 or student_logits.numel() == 0:
+        raise ValueError(f"dist needs logits [B, C] with B, C >= 1, got shape {tuple(student_logits.shape)}")
+    num_classes = student_logits.shape[-1]
+    p_s = F.softmax(_as_float(student_logits).reshape(-1, num_classes) / temperature, dim=-1)
+    p_t = F.softmax(_as_float(teacher_logits).reshape(-1, num_classes) / temperature, dim=-1)
+    inter = 1.0 - _pearson(p_s, p_t, dim=1).mean()
+    intra = 1.0 - _pearson(p_s, p_t, dim=0).mean()
+    return (beta * inter + gamma * intra) * temperature**2
+
+
+def _rkd_distances(e: Tensor) -> Tensor:
+    """Pairwise Euclidean distances ``[B, B]`` of ``e`` (``[B, D]``), divided by their off-diagonal mean.
+
+    Safe square root: off-diagonal distances are ``sqrt(max(d^2, 1e-12))`` (so duplicate embeddings sit at
+    ``1e-6`` with zero gradient rather than at the non-differentiable 0); the diagonal is exactly 0. The mean is
+    taken over the ``B (B - 1)`` pairs ``i != j``; a batch whose distances are all ~0 (or ``B < 2``) gives zeros.
+    """
+    e = e - e.mean(dim=0, keepdim=True)  # translation-invariant; smaller norms, smaller Gram cancellation error
+    gram = e @ e.transpose(0, 1)
+    sq_norm = gram.diagonal()  # from the same product as the off-diagonal terms: duplicates cancel exactly
+    squared = sq_norm.unsqueeze(0) + sq_norm.unsqueeze(1) - 2.0 * gram
+    n = e.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=e.device)
+    d = torch.where(off, squared.clamp(min=_DIST_EPS_SQ).sqrt(), torch.zeros((), dtype=e.dtype, device=e.device))
+    mean = d.sum() / max(n * (n - 1), 1)
+    return d / mean.clamp(min=_NORM_EPS)
+
+
+def rkd_distance(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
+    """Distance-wise relational KD, RKD-D (Park et al. 2019, https://arxiv.org/abs/1904.05068).
+
+    ``psi_D(i, j) = ||e_i - e_j||_2 / mu`` with ``mu`` the mean distance over the pairs ``i != j`` of the batch
+    (the paper: "the average distance between pairs from X^2 in the mini-batch"). The loss is the Huber
+    (smooth-L1, ``delta = 1``) loss between the student's and the teacher's ``[B, B]`` matrices of ``psi_D``,
+    averaged over all ``B^2`` entries (the diagonal, 0 on both sides, included), as in the authors' code.
+
+    Invariant to scaling, translating and rotating either embedding. The teacher side is computed without
+    gradient. Distances below ``1e-6`` are read as ``1e-6`` (a safe square root: duplicate embeddings in a batch
+    give finite gradients); a batch of fewer than 2 items gives 0.
+
+    Args:
+        student_emb: ``[B, Ds]`` (extra dimensions are flattened).
+        teacher_emb: ``[B, Dt]``; the widths may differ.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    s = _batch_rows("student_emb", student_emb)
+    t = _batch_rows("teacher_emb", teacher_emb)
+    _check_batch(student_emb, teacher_emb)
+    with torch.no_grad():
+        d_t = _rkd_distances(t)
+    d_s = _rkd_distances(s)
+    return F.smooth_l1_loss(d_s, d_t.to(d_s.dtype), reduction="mean", beta=1.0) if s.shape[0] else d_s.sum()
+
+
+def _rkd_cosines(e: Tensor) -> Tensor:
+    """``cos[j, i, k] = <u(e_i - e_j), u(e_k - e_j)>`` with ``u(v) = v / max(||v||, 1e-12)``: ``[B, B, B]``."""
+    diff = _unit(e.unsqueeze(0) - e.unsqueeze(1))  # [j, i, D] = unit(e_i - e_j); zero where i == j
+    return diff @ diff.transpose(1, 2)
+
+
+def rkd_angle(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
+    """Angle-wise relational KD, RKD-A (Park et al. 2019, https://arxiv.org/abs/1904.05068).
+
+    For every triple ``(i, j, k)`` of the batch, ``psi_A(i, j, k) = cos angle(e_i, e_j, e_k) = <e^ij, e^kj>`` with
+    ``e^ij = (e_i - e_j) / ||e_i - e_j||``. The loss is the Huber (smooth-L1, ``delta = 1``) loss between the
+    student's and the teacher's ``[B, B, B]`` cosine tensors, averaged over all ``B^3`` entries. Triples with a
+    repeated index (or duplicate embeddings) have a zero difference vector, which is read as the zero vector
+    (cosine 0, finite gradient).
+
+    Invariant to scaling, translating and rotating either embedding. The teacher side is computed without gradient.
+    Memory is ``O(B^2 D + B^3)``.
+
+    Args:
+        student_emb: ``[B, Ds]`` (extra dimensions are flattened).
+        teacher_emb: ``[B, Dt]``; the widths may differ.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    s = _batch_rows("student_emb", student_emb)
+    t = _batch_rows("teacher_emb", teacher_emb)
+    _check_batch(student_emb, teacher_emb)
+    with torch.no_grad():
+        cos_t = _rkd_cosines(t)
+    cos_s = _rkd_cosines(s)
+    return F.smooth_l1_loss(cos_s, cos_t.to(cos_s.dtype), reduction="mean", beta=1.0) if s.shape[0] else cos_s.sum()
+
+
+def attention_transfer(student_feat: Tensor, teacher_feat: Tensor, *, p: float = 2) -> Tensor:
+    """Activation-based attention transfer (Zagoruyko & Komodakis 2017, https://arxiv.org/abs/1612.03928).
+
+    The attention map of a feature map ``f`` (``[B, C, ...spatial]``) is ``Q = vec(mean_c |f_c|^p)`` (the paper's
+    ``F^p_sum`` up to the factor ``C``, which the normalisation removes), and the loss is
+    ``mean over items of || Q_s / ||Q_s||_2 - Q_t / ||Q_t||_2 ||_2^2``: the squared L2 distance, a **sum over
+    positions**, so a value in ``[0, 2]`` that does not depend on the spatial size. (The authors' code takes the
+    mean over positions too, i.e. this value divided by ``H * W``, and compensates with ``beta = 1000``; divide
+    the weight accordingly.) An all-zero map is read as the zero vector.
+
+    Args:
+        student_feat: ``[B, Cs, ...spatial]`` (at least one spatial dimension).
+        teacher_feat: ``[B, Ct, ...spatial]``: the channels may differ, the spatial sizes must match.
+        p: Exponent ``p >= 1`` (the paper uses 2; below 1 the derivative of ``|f|^p`` is infinite at 0).
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    if isinstance(p, bool) or not (isinstance(p, numbers.Real) and math.isfinite(p) and p >= 1):
+        raise ValueError(f"p must be a finite number >= 1, got {p!r}")
+    s = _floating("student_feat", student_feat)
+    t = _floating("teacher_feat", teacher_feat)
+    for name, x in (("student_feat", s), ("teacher_feat", t)):
+        if x.dim() < 3:
+            raise ValueError(f"{name} must have shape [B, C, ...spatial], got {tuple(x.shape)}")
+    _check_batch(s, t)
+    if s.shape[2:] != t.shape[2:]:
+        raise ValueError(
+            f"student and teacher spatial sizes must match, got {tuple(s.shape[2:])} and {tuple(t.shape[2:])} "
+            f"(shapes {tuple(s.shape)} and {tuple(t.shape)}); resize or pool one of them first"
+        )
+
+    def attention(f: Tensor) -> Tensor:
+        a = f * f if p == 2 else f.abs().pow(p)
+        return _unit(a.mean(dim=1).reshape(f.shape[0], -1))
+
+    diff = attention(s) - attention(t)
+    return reduce_items((diff * diff).sum(dim=-1))
+
+
+def similarity_preserving(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019, https://arxiv.org/abs/1907.09682).
+
+    With ``Q`` the features flattened to ``[B, D]``, ``G = Q Q^T`` (``[B, B]``) with each row L2-normalised, the
+    loss is ``||G_s - G_t||_F^2 / B^2``. A zero row of ``G`` stays zero.
+
+    Args:
+        student_feat: ``[B, ...]``.
+        teacher_feat: ``[B, ...]``; the widths may differ.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    s = _batch_rows("student_feat", student_feat)
+    t = _batch_rows("teacher_feat", teacher_feat)
+    _check_batch(student_feat, teacher_feat)
+    diff = _unit(s @ s.transpose(0, 1)) - _unit(t @ t.transpose(0, 1))
+    return (diff * diff).sum() / max(s.shape[0], 1) ** 2
+
+
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Linear centred kernel alignment, CKA (Kornblith et al. 2019, https://arxiv.org/abs/1905.00414).
+
+    With ``X`` and ``Y`` column-centred, ``CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``, a similarity in
+    ``[0, 1]`` that is 1 for ``y = x`` and invariant to isotropic scaling and orthogonal transforms of either
+    side. Computed from ``[D, D]`` cross-covariances or, when the batch is smaller than ``Dx + Dy``, from the
+    equal ``[B, B]`` Gram form ``<XX^T, YY^T>_F / (||XX^T||_F ||YY^T||_F)``. Both sides are first divided by their
+    Frobenius norm (CKA does not change; float32 cannot overflow). A constant side (zero after centring) gives 0.
+
+    Args:
+        x: ``[B, Dx]`` (extra dimensions are flattened).
+        y: ``[B, Dy]``.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    a = _batch_rows("x", x)
+    b = _batch_rows("y", y)
+    _check_batch(x, y)
+    tiny = torch.finfo(torch.promote_types(a.dtype, b.dtype)).tiny
+
+    def centred(m: Tensor) -> Tensor:
+        m = m - m.mean(dim=0, keepdim=True)
+        return m * torch.rsqrt((m * m).sum().clamp(min=tiny))
+
+    a, b = centred(a), centred(b)
+    n, da, db = a.shape[0], a.shape[1], b.shape[1]
+    if n < da + db:
+        k, l_ = a @ a.transpose(0, 1), b @ b.transpose(0, 1)
+        cross, self_a, self_b = (k * l_).sum(), (k * k).sum(), (l_ * l_).sum()
+    else:
+        ba, aa, bb = b.transpose(0, 1) @ a, a.transpose(0, 1) @ a, b.transpose(0, 1) @ b
+        cross, self_a, self_b = (ba * ba).sum(), (aa * aa).sum(), (bb * bb).sum()
+    return cross / (self_a * self_b).clamp(min=tiny).sqrt()
+
+
+def cka_loss(x: Tensor, y: Tensor) -> Tensor:
+    """``1 - linear_cka(x, y)``: a loss in ``[0, 1]`` that is 0 when the two representations agree up to isotropic
+    scaling and an orthogonal transform (Kornblith et al. 2019, https://arxiv.org/abs/1905.00414).
+
+    Args:
+        x: Student features ``[B, Dx]`` (extra dimensions are flattened).
+        y: Teacher features ``[B, Dy]``.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    return 1.0 - linear_cka(x, y)
+
+
+def hint_mse(
+    student_feat: Tensor,
+    teacher_feat: Tensor,
+    *,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """FitNets hint loss (Romero et al. 2015, https://arxiv.org/abs/1412.6550).
+
+    Per item (dim 0) the **sum** of squared differences over all its other dimensions, then the module's reduction
+    over items: ``sum over kept items of ||f_s - f_t||^2 / N``. (The paper writes ``1/2 ||u_h - r(v_g)||^2``; the
+    ``1/2`` is left to the term's weight.) The regressor ``r`` that maps student width to teacher width is a
+    projector from ``mentor.taps``, applied before this call.
+
+    Args:
+        student_feat: ``[B, ...]``.
+        teacher_feat: Exactly the same shape.
+        mask: Optional boolean ``[B]``.
+        num_items: Explicit normaliser (see module docstring).
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    s = _floating("student_feat", student_feat)
+    t = _floating("teacher_feat", teacher_feat)
+    _check_same_shape("features", s, t)
+    if s.dim() < 1:
+        raise ValueError(f"hint_mse needs features [B, ...] with an item dimension, got shape {tuple(s.shape)}")
+    diff = s - t
+    sq = diff * diff
+    if mask is None and not isinstance(num_items, Tensor):
+        n = float(max(s.shape[0], 1)) if num_items is None else _positive(num_items)
+        return sq.sum() / n
+    return reduce_items(_per_item_sum(sq), mask, num_items)
+
+
+def cosine_embedding(
+    student_emb: Tensor,
+    teacher_emb: Tensor,
+    *,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """Cosine embedding loss: ``1 - cos(s, t)`` per item, as DistilBERT aligns hidden states
+    (Sanh et al. 2019, https://arxiv.org/abs/1910.01108).
+
+    ``cos = <s, t> / (max(||s||, 1e-8) * max(||t||, 1e-8))`` over the last dimension; every leading dimension
+    indexes items (``[B, D]`` or ``[B, T, D]``). A zero vector has cosine 0 (loss 1) with a finite gradient.
+
+    Args:
+        student_emb: ``[..., D]``.
+        teacher_emb: Exactly the same shape.
+        mask: Optional boolean ``[...]``.
+        num_items: Explicit normaliser (see module docstring).
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    s = _floating("student_emb", student_emb)
+    t = _floating("teacher_emb", teacher_emb)
+    _check_same_shape("embeddings", s, t)
+    if s.dim() < 1:
+        raise ValueError(f"cosine_embedding needs embeddings [..., D], got shape {tuple(s.shape)}")
+    cos = (_unit(s, eps=_COSINE_EPS) * _unit(t, eps=_COSINE_EPS)).sum(dim=-1)
+    return reduce_items(1.0 - cos, mask, num_items)
+
+
+def smooth_l1(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    beta: float = 1.0,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """Smooth-L1 loss (Girshick 2015, Fast R-CNN, https://arxiv.org/abs/1504.08083), per item summed over the
+    last dimension.
+
+    Elementwise, with ``x = s - t``: ``0.5 * x^2 / beta`` where ``|x| < beta``, else ``|x| - 0.5 * beta`` (PyTorch's
+    ``smooth_l1_loss``; this is the Huber loss with ``delta = beta`` divided by ``beta``, and equal to it at
+    ``beta = 1``). Per item the sum over the last dimension, then the module's reduction over the leading
+    dimensions (items).
+
+    Args:
+        student: ``[..., D]``.
+        teacher: Exactly the same shape.
+        beta: Threshold between the quadratic and the linear part (> 0).
+        mask: Optional boolean ``[...]``.
+        num_items: Explicit normaliser (see module docstring).
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    s = _floating("student", student)
+    t = _floating("teacher", teacher)
+    _check_same_shape("tensors", s, t)
+    if s.dim() < 1:
+        raise ValueError(f"smooth_l1 needs tensors [..., D], got shape {tuple(s.shape)}")
+    dtype = torch.promote_types(s.dtype, t.dtype)
+    terms = F.smooth_l1_loss(s.to(dtype), t.to(dtype), reduction="none", beta=float(beta))
+    return _total(terms, mask, num_items)
