@@ -18,7 +18,7 @@ from torch import Tensor
 from mentor.data import UNLABELLED
 from mentor.schedules import Schedule, as_schedule
 
-__all__ = ["Term", "Method", "compute_terms"]
+__all__ = ["Feature", "Term", "Method", "compute_terms"]
 
 Items = Literal["all", "labelled"]
 
@@ -68,6 +68,31 @@ class Term:
 
 
 @dataclass(frozen=True)
+class Feature:
+    """An intermediate feature that terms compare: tapped from a student module and a teacher module.
+
+    The loop captures both with :class:`mentor.taps.Taps` and adds them to the outputs as ``"feat.<name>"`` (student)
+    and ``"teacher.feat.<name>"`` (teacher), so a term compares them with ``student="feat.<name>"``,
+    ``target="teacher.feat.<name>"``. With a ``projector`` (``"linear"``, ``"conv1x1"``, ``"mlp"``) the student
+    feature is first mapped to the teacher's shape by a projector that trains with the student and is left out of
+    the exported student.
+
+    Attributes:
+        name: Name of the feature pair.
+        student: Module path in the student (as in ``named_modules()``), e.g. ``"features.2"``.
+        teacher: Module path in the teacher, e.g. ``"conv3"``.
+        projector: Projector kind, or ``None`` to compare the raw student feature.
+        inputs: Capture the modules' inputs instead of their outputs.
+    """
+
+    name: str
+    student: str
+    teacher: str
+    projector: str | None = None
+    inputs: bool = False
+
+
+@dataclass(frozen=True)
 class Method:
     """A teacher-student method.
 
@@ -77,12 +102,14 @@ class Method:
         generations: Born-again style training: with ``n > 1`` the student of generation ``k`` is the teacher of
             generation ``k + 1`` (generation 1 learns from the given teacher, or from labels alone if there is none).
         description: One line for ``mentor recipes``.
+        features: Intermediate features the terms use (see :class:`Feature`).
     """
 
     name: str
     terms: tuple[Term, ...]
     generations: int = 1
     description: str = ""
+    features: tuple[Feature, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -92,10 +119,13 @@ class Method:
             raise ValueError(f"method {self.name!r} has duplicate term names {names}")
         if self.generations < 1:
             raise ValueError(f"method {self.name!r}: generations must be >= 1, got {self.generations}")
+        feature_names = [f.name for f in self.features]
+        if len(set(feature_names)) != len(feature_names):
+            raise ValueError(f"method {self.name!r} has duplicate feature names {feature_names}")
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.uses_teacher for t in self.terms)
+        return any(t.uses_teacher for t in self.terms) or bool(self.features)
 
     @property
     def needs_labels(self) -> bool:
@@ -103,7 +133,7 @@ class Method:
 
     def with_terms(self, *extra: Term) -> Method:
         """A copy with more terms."""
-        return Method(self.name, self.terms + extra, self.generations, self.description)
+        return Method(self.name, self.terms + extra, self.generations, self.description, self.features)
 
 
 def term_mask(term: Term, labels: Tensor) -> Tensor | None:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["WRAPPER_PREFIXES", "PROJECTOR_KINDS", "Taps", "feature_shapes", "Projector", "build_projector",
-           "Projectors"]
+           "Projectors", "FeaturePairs"]
 
 WRAPPER_PREFIXES: tuple[str, ...] = ("module", "_orig_mod")
 """Leading name components that wrappers add (DDP / Accelerate: ``module``; ``torch.compile``: ``_orig_mod``)."""
@@ -569,3 +569,90 @@ class Projectors(nn.Module):
         if missing:
             raise KeyError(f"features lack {missing}, which have projectors; got features {list(features)}")
         return {n: self.maps[self._names[n]](f) if n in self._names else f for n, f in features.items()}
+
+
+# --------------------------------------------------------------------------------------------- feature pairs
+
+
+class FeaturePairs:
+    """The intermediate features a method compares (its :class:`mentor.method.Feature` list), ready for the loop.
+
+    Holds the student's and the teacher's :class:`Taps` (one per side and per ``inputs`` flag) and builds the
+    projectors from the shapes of one dry batch. During a step, :meth:`capture` attaches the hooks around the two
+    forwards only (evaluation passes capture nothing), and :meth:`merge` adds ``"feat.<name>"`` to the student's and
+    the teacher's output dicts, the student side through its projector where the feature has one.
+
+    Args:
+        features: The method's features.
+        student: The plain (unwrapped) student.
+        teacher: The teacher network (for example ``Frozen.model``).
+        example: A batch both accept, ``[B, ...]`` (a couple of training items).
+
+    Attributes:
+        projectors: One projector per feature that names a kind (possibly empty); a module of its own, to be
+            optimised with the student and left out of the exported student.
+    """
+
+    def __init__(self, features: Sequence[Any], student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+        if not features:
+            raise ValueError("FeaturePairs needs at least one feature")
+        self.features = tuple(features)
+        self._taps: list[tuple[str, Taps]] = []  # (side, taps)
+        shapes: dict[tuple[str, str, bool], torch.Size] = {}
+        for side, model in (("student", student), ("teacher", teacher)):
+            for flag in (False, True):
+                names = list(dict.fromkeys(getattr(f, side) for f in self.features if f.inputs == flag))
+                if not names:
+                    continue
+                device = next(iter(model.parameters()), torch.empty(0)).device
+                try:
+                    self._taps.append((side, Taps(model, names, inputs=flag)))
+                    found = feature_shapes(model, names, example.to(device), inputs=flag)
+                except ValueError as err:
+                    raise ValueError(f"{side} feature: {err}") from None
+                shapes.update({(side, n, flag): s for n, s in found.items()})
+        specs = {
+            f.name: (f.projector, shapes[("student", f.student, f.inputs)], shapes[("teacher", f.teacher, f.inputs)])
+            for f in self.features if f.projector is not None
+        }
+        self.shapes = {f.name: (shapes[("student", f.student, f.inputs)], shapes[("teacher", f.teacher, f.inputs)])
+                       for f in self.features}
+        self.projectors = Projectors.from_shapes(specs)
+
+    def capture(self) -> _Attached:
+        """A context manager that attaches every hook and removes them on exit (also on an exception)."""
+        return _Attached([taps for _, taps in self._taps])
+
+    def merge(
+        self, student_out: dict[str, Tensor], teacher_out: dict[str, Tensor], projectors: nn.Module | None = None
+    ) -> None:
+        """Pop the captures of the last forwards into ``student_out`` / ``teacher_out`` as ``"feat.<name>"``.
+
+        Args:
+            student_out: The student's output dict (updated in place).
+            teacher_out: The teacher's output dict (updated in place).
+            projectors: The projectors module to apply (the prepared, possibly DDP-wrapped one); default
+                :attr:`projectors`.
+        """
+        captured: dict[tuple[str, str, bool], Tensor] = {}
+        for side, taps in self._taps:
+            captured.update({(side, n, taps.inputs): t for n, t in taps.pop().items()})
+        raw = {f.name: captured[("student", f.student, f.inputs)] for f in self.features}
+        to_project = {n: raw[n] for n in self.projectors.names}
+        projected = (projectors or self.projectors)(to_project) if to_project else {}
+        for f in self.features:
+            student_out[f"feat.{f.name}"] = projected.get(f.name, raw[f.name])
+            teacher_out[f"feat.{f.name}"] = captured[("teacher", f.teacher, f.inputs)]
+
+
+class _Attached:
+    def __init__(self, taps: Sequence[Taps]) -> None:
+        self.taps = taps
+
+    def __enter__(self) -> None:
+        for t in self.taps:
+            t.attach()
+
+    def __exit__(self, *args: object) -> None:
+        for t in self.taps:
+            t.remove()

@@ -48,6 +48,7 @@ from mentor import atomic
 from mentor.data import UNLABELLED, TensorData, check_data
 from mentor.eval import evaluate
 from mentor.method import Method, compute_terms
+from mentor.taps import FeaturePairs
 from mentor.teachers import Teacher, as_outputs
 
 __all__ = ["Optim", "FitResult", "NonFiniteLossError", "fit", "build_optimizer", "save_model", "load_model_weights",
@@ -129,6 +130,7 @@ class FitResult:
         history: One dict per logged row (steps and evaluations), as in ``metrics.jsonl``.
         steps: Optimisation steps taken in total.
         out: The run directory, if any.
+        projectors: The trained feature projectors of a method with projected features (not part of the student).
     """
 
     student: nn.Module
@@ -136,6 +138,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     out: Path | None = None
+    projectors: nn.Module | None = None
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
@@ -207,6 +210,7 @@ def _write_checkpoint(
     position: dict[str, Any],
     keep_last: int,
     loop_state: Mapping[str, Tensor] | None = None,
+    projectors: nn.Module | None = None,
 ) -> Path:
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".tmp-step_{step:08d}"
@@ -226,6 +230,9 @@ def _write_checkpoint(
     save_file(rng, str(tmp / "rng.safetensors"))
     if loop_state:
         save_file({k: v.detach().contiguous().cpu() for k, v in loop_state.items()}, str(tmp / "loop.safetensors"))
+    if projectors is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()},
+                  str(tmp / "projectors.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({**position, "rng": _rng_state()}))
     if final.exists():
@@ -436,16 +443,35 @@ def fit(
         )
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
 
+    features: FeaturePairs | None = None
+    if method.features:
+        teacher_net = getattr(teacher, "model", None)
+        if not isinstance(teacher_net, nn.Module):
+            raise ValueError(
+                f"recipe {method.name!r} compares intermediate features, which needs a teacher network "
+                f"(teachers.Frozen or teachers.EMA), got {type(teacher).__name__}"
+            )
+        features = FeaturePairs(method.features, student, teacher_net, train_data.x[:2])
+    projectors = features.projectors if features is not None and len(features.projectors) else None
+
     student.to(device)
     if teacher is not None:
         teacher.to(device)
-    optimizer = build_optimizer([p for p in student.parameters() if p.requires_grad], optim)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    if projectors is not None:
+        projectors.to(device)
+        trainable += list(projectors.parameters())  # trained with the student, left out of its export
+    optimizer = build_optimizer(trainable, optim)
     if teacher is not None and hasattr(teacher, "parameters"):
         teacher_ids = {id(p) for p in teacher.parameters()}
         if any(id(p) in teacher_ids for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("a teacher parameter is in the student's optimiser: the teacher must stay frozen")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(optim, total_steps))
-    model, optimizer = accelerator.prepare(student, optimizer)
+    if projectors is not None:
+        model, prepared_projectors, optimizer = accelerator.prepare(student, projectors, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(student, optimizer)
+        prepared_projectors = None
 
     out_dir = Path(out) if out is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
@@ -464,6 +490,8 @@ def fit(
         # device is "cpu:<rank>", which torch.load and safetensors reject).
         if (path / "teacher.safetensors").is_file() and hasattr(teacher, "load_state_dict"):
             teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))  # type: ignore[union-attr]
+        if projectors is not None:
+            projectors.load_state_dict(load_file(str(path / "projectors.safetensors")))
         opt_state = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
@@ -520,7 +548,7 @@ def fit(
             _write_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), teacher, optimizer, scheduler,
                               {"step": step, "epoch": epoch, "batch": batch,
                                "elapsed_s": elapsed_before + time.perf_counter() - started}, keep_checkpoints,
-                              {"running": window} if window is not None else None)
+                              {"running": window} if window is not None else None, projectors)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
@@ -571,8 +599,11 @@ def fit(
                 ctx = accelerator.no_sync(model) if world > 1 and m < len(micro) - 1 else nullcontext()
                 with ctx:
                     with autocast():
-                        t_out = teacher.targets(x) if use_teacher else None  # type: ignore[union-attr]
-                        s_out = as_outputs(model(x))
+                        with features.capture() if features is not None else nullcontext():
+                            t_out = teacher.targets(x) if use_teacher else None  # type: ignore[union-attr]
+                            s_out = as_outputs(model(x))
+                        if features is not None and t_out is not None:
+                            features.merge(s_out, t_out, prepared_projectors)
                     total, values = compute_terms(method, s_out, t_out, y, step, num_items)
                     if not math.isfinite(total.detach().item()):  # .item(): 0.6 us; bool(isfinite()): 5 us
                         bad = next((k for k, v in values.items() if not torch.isfinite(v.detach())), "total")
@@ -638,9 +669,12 @@ def fit(
     unwrapped = accelerator.unwrap_model(model)
     if out_dir is not None and accelerator.is_main_process:
         save_model(unwrapped, out_dir / "student.safetensors")
+        if projectors is not None:  # kept beside, not inside, the exported student
+            save_model(projectors, out_dir / "projectors.safetensors")
         atomic.write_text(out_dir / "result.json", json.dumps({"metrics": final_metrics, "steps": step}, indent=2))
     if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return FitResult(student=unwrapped, metrics=final_metrics, history=history, steps=step, out=out_dir)
+    return FitResult(student=unwrapped, metrics=final_metrics, history=history, steps=step, out=out_dir,
+                     projectors=projectors)
 

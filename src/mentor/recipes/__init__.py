@@ -9,13 +9,15 @@ from collections.abc import Callable, Mapping
 
 from mentor.method import Method
 from mentor.recipes.born_again import born_again
+from mentor.recipes.fitnet import fitnet
 from mentor.recipes.hard_label_kd import hard_label_kd
 from mentor.recipes.hinton_kd import hinton_kd
 from mentor.recipes.ltd import ltd
 from mentor.recipes.supervised import supervised
 from mentor.recipes.transfer_kd import transfer_kd
 
-__all__ = ["RECIPES", "born_again", "hard_label_kd", "hinton_kd", "ltd", "supervised", "transfer_kd", "build_recipe"]
+__all__ = ["RECIPES", "born_again", "fitnet", "hard_label_kd", "hinton_kd", "ltd", "supervised", "transfer_kd",
+           "build_recipe"]
 
 RECIPES: Mapping[str, Callable[..., Method]] = {
     "supervised": supervised,
@@ -24,6 +26,7 @@ RECIPES: Mapping[str, Callable[..., Method]] = {
     "hard_label_kd": hard_label_kd,
     "ltd": ltd,
     "born_again": born_again,
+    "fitnet": fitnet,
 }
 
 
