@@ -528,3 +528,27 @@ def test_compute_terms_errors() -> None:
         compute_terms(_method(), {"logits": s}, None, labels, 0)
     with pytest.raises(KeyError, match="needs teacher output 'logits'"):
         compute_terms(_method(), {"logits": s}, {"features": t}, labels, 0)
+
+
+def test_batch_reduction_terms_take_extra_inputs_and_weight_by_item_share() -> None:
+    """A "batch" term (DKD here) is called without mask/num_items, on the covered items only, with extra inputs
+    from the outputs; under accumulation it is weighted by the micro-batch's share of the covered items."""
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    labels = torch.tensor([0, UNLABELLED, 3, 2, UNLABELLED, 1])
+    term = Term("dkd", losses.dkd, target="teacher.logits", items="labelled", reduction="batch",
+                       extra={"target": "label"}, kwargs={"temperature": 2.0})
+    m = Method("m", (term,))
+    assert m.needs_teacher and m.needs_labels
+    lab = labels != UNLABELLED
+    expected = losses.dkd(s[lab], t[lab], labels[lab], temperature=2.0)
+    total, values = compute_terms(m, {"logits": s}, {"logits": t}, labels, 0)
+    assert float(total) == pytest.approx(float(expected), rel=1e-6)
+    # this micro-batch covers 4 labelled items out of 10 in the accumulated batch: weight 4/10
+    total, values = compute_terms(m, {"logits": s}, {"logits": t}, labels, 0, {"dkd": 10.0})
+    assert float(values["dkd"]) == pytest.approx(0.4 * float(expected), rel=1e-6)
+    # no covered item: zero, with a graph
+    s_req = s.clone().requires_grad_(True)
+    none = torch.full((6,), UNLABELLED)
+    total, _ = compute_terms(m, {"logits": s_req}, {"logits": t}, none, 0, {"dkd": 10.0})
+    assert float(total.detach()) == 0.0 and total.requires_grad

@@ -21,6 +21,7 @@ from mentor.schedules import Schedule, as_schedule
 __all__ = ["Feature", "Term", "Method", "compute_terms"]
 
 Items = Literal["all", "labelled"]
+Reduction = Literal["items", "batch"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class Term:
             such items in the whole (accumulated, all-process) batch. A ``"labelled"`` term with ``target="label"``
             relies on its loss dropping negative labels (as ``losses.cross_entropy`` does).
         weight: Weight schedule (a number is a constant).
+        extra: More keyword arguments of the loss taken from the outputs: ``{argument: source}`` with source
+            ``"label"``, ``"teacher.<key>"`` or a student output key (``dkd`` takes ``{"target": "label"}``).
+        reduction: ``"items"`` (the default): the loss takes ``mask`` and ``num_items`` and is normalised over the
+            whole accumulated batch. ``"batch"``: a loss over a batch as a whole (relational losses, DIST, DKD) that
+            takes neither; it is computed on each micro-batch (on the covered items only) and weighted by the
+            micro-batch's share of the covered items, so the accumulated value is the item-weighted mean over
+            micro-batches. For relational losses this is not the value on one large batch: relations between
+            items of different micro-batches (or processes) are not seen.
     """
 
     name: str
@@ -49,11 +58,17 @@ class Term:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     items: Items = "all"
     weight: Schedule | float = 1.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+    reduction: Reduction = "items"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", as_schedule(self.weight))
         if self.items not in ("all", "labelled"):
             raise ValueError(f"term {self.name!r}: items must be 'all' or 'labelled', got {self.items!r}")
+        if self.reduction not in ("items", "batch"):
+            raise ValueError(f"term {self.name!r}: reduction must be 'items' or 'batch', got {self.reduction!r}")
+        if any(not source for source in self.extra.values()):
+            raise ValueError(f"term {self.name!r}: extra maps an argument to an empty output key: {dict(self.extra)}")
         if self.target != "label" and not self.target.startswith("teacher."):
             raise ValueError(f"term {self.name!r}: target must be 'label' or 'teacher.<key>', got {self.target!r}")
 
@@ -64,7 +79,11 @@ class Term:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.target.startswith("teacher.")
+        return any(s.startswith("teacher.") for s in (self.target, *self.extra.values()))
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.items == "labelled" or "label" in (self.target, *self.extra.values())
 
 
 @dataclass(frozen=True)
@@ -129,7 +148,7 @@ class Method:
 
     @property
     def needs_labels(self) -> bool:
-        return any(t.items == "labelled" for t in self.terms)
+        return any(t.uses_labels for t in self.terms)
 
     def with_terms(self, *extra: Term) -> Method:
         """A copy with more terms."""
@@ -145,6 +164,24 @@ def term_mask(term: Term, labels: Tensor) -> Tensor | None:
     if term.items != "labelled" or term.target == "label":
         return None
     return labels != UNLABELLED
+
+
+def _source(
+    term: Term, source: str, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None, labels: Tensor
+) -> Tensor:
+    """The tensor a term's target or extra argument names: the labels, a teacher output or a student output."""
+    if source == "label":
+        return labels
+    if source.startswith("teacher."):
+        if teacher is None:
+            raise ValueError(f"term {term.name!r} needs a teacher, but none was given")
+        key = source.split(".", 1)[1]
+        if key not in teacher:
+            raise KeyError(f"term {term.name!r} needs teacher output {key!r}; have {sorted(teacher)}")
+        return teacher[key]
+    if source not in student:
+        raise KeyError(f"term {term.name!r} needs student output {source!r}; have {sorted(student)}")
+    return student[source]
 
 
 def compute_terms(
@@ -171,22 +208,31 @@ def compute_terms(
     """
     total: Tensor | None = None
     values: dict[str, Tensor] = {}
+    labelled: Tensor | None = None
     for term in method.terms:
         if term.student not in student:
             raise KeyError(f"term {term.name!r} needs student output {term.student!r}; have {sorted(student)}")
-        if term.target == "label":
-            target = labels
-        else:
-            if teacher is None:
-                raise ValueError(f"term {term.name!r} needs a teacher, but none was given")
-            key = term.target.split(".", 1)[1]
-            if key not in teacher:
-                raise KeyError(f"term {term.name!r} needs teacher output {key!r}; have {sorted(teacher)}")
-            target = teacher[key]
+        target = _source(term, term.target, student, teacher, labels)
         if term.transform is not None:
             target = term.transform(target)
+        extra = {arg: _source(term, src, student, teacher, labels) for arg, src in term.extra.items()}
         n = None if num_items is None else num_items[term.name]
-        value = term.loss(student[term.student], target, mask=term_mask(term, labels), num_items=n, **term.kwargs)
+        if term.reduction == "items":
+            value = term.loss(student[term.student], target, mask=term_mask(term, labels), num_items=n,
+                              **extra, **term.kwargs)
+        else:
+            inputs = {"_s": student[term.student], "_t": target, **extra}
+            covered = labels.shape[0]
+            if term.items == "labelled":
+                labelled = labels != UNLABELLED if labelled is None else labelled
+                covered = int(labelled.sum())
+                inputs = {k: v[labelled] for k, v in inputs.items()}
+            if covered == 0:
+                value = student[term.student].sum() * 0.0  # nothing to compare here: no contribution, graph kept
+            else:
+                value = term.loss(inputs.pop("_s"), inputs.pop("_t"), **inputs, **term.kwargs)
+                if n is not None:
+                    value = value * (covered / n)
         values[term.name] = value
         weight = term.weight_at(step)
         weighted = value if weight == 1.0 else weight * value
