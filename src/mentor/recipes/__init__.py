@@ -8,16 +8,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from mentor.method import Method
+from mentor.recipes.attention_transfer import attention_transfer
 from mentor.recipes.born_again import born_again
+from mentor.recipes.dist import dist
+from mentor.recipes.dkd import dkd
 from mentor.recipes.fitnet import fitnet
 from mentor.recipes.hard_label_kd import hard_label_kd
 from mentor.recipes.hinton_kd import hinton_kd
 from mentor.recipes.ltd import ltd
+from mentor.recipes.rkd import rkd
+from mentor.recipes.similarity_preserving import similarity_preserving
 from mentor.recipes.supervised import supervised
 from mentor.recipes.transfer_kd import transfer_kd
 
-__all__ = ["RECIPES", "born_again", "fitnet", "hard_label_kd", "hinton_kd", "ltd", "supervised", "transfer_kd",
-           "build_recipe"]
+__all__ = ["RECIPES", "attention_transfer", "born_again", "build_recipe", "dist", "dkd", "fitnet", "hard_label_kd",
+           "hinton_kd", "ltd", "rkd", "similarity_preserving", "supervised", "transfer_kd"]
 
 RECIPES: Mapping[str, Callable[..., Method]] = {
     "supervised": supervised,
@@ -27,6 +32,11 @@ RECIPES: Mapping[str, Callable[..., Method]] = {
     "ltd": ltd,
     "born_again": born_again,
     "fitnet": fitnet,
+    "attention_transfer": attention_transfer,
+    "rkd": rkd,
+    "similarity_preserving": similarity_preserving,
+    "dkd": dkd,
+    "dist": dist,
 }
 
 
