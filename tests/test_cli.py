@@ -154,3 +154,36 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
     assert (run_dir / "report.md").is_file() and (run_dir / "student.safetensors").is_file()
+
+
+def test_recipe_plus_combines_terms_weights_and_features(tmp_path: Path) -> None:
+    from mentor.config import build_method
+
+    cfg = config_from_dict(_small(tmp_path, "combo", teacher={"checkpoint": "t.safetensors", "model": "mlp"},
+                                  recipe={"name": "dkd", "args": {"beta": 2.0},
+                                          "plus": [{"name": "fitnet", "args": {"hint_weight": 0.5},
+                                                    "weight": {"linear": {"start": 0.0, "end": 2.0, "steps": 10}}}]}))
+    method = build_method(cfg.recipe)
+    assert method.name == "dkd+fitnet"
+    assert [t.name for t in method.terms] == ["ce", "dkd", "hint"]  # fitnet's own "ce" is not added twice
+    hint = method.terms[2]
+    assert [hint.weight_at(s) for s in (0, 5, 10)] == [0.0, 0.5 * 1.0, 0.5 * 2.0]
+    assert [f.name for f in method.features] == ["hint"]
+    with pytest.raises(Exception, match=r"plus\[0\].weight: unknown schedule 'sigmoid'"):
+        config_from_dict(_small(tmp_path, "bad", teacher={"checkpoint": "t.safetensors", "model": "mlp"},
+                                recipe={"name": "dkd", "plus": [{"name": "fitnet", "weight": {"sigmoid": {}}}]}))
+
+
+def test_recipe_plus_trains_end_to_end(tmp_path: Path) -> None:
+    teacher_cfg = _write(tmp_path / "t.yaml", _small(tmp_path, "teacher"))
+    assert cli.main(["train", str(teacher_cfg)]) == 0
+    cfg = _small(tmp_path, "combo", seed=1, teacher={"run": str(tmp_path / "teacher")},
+                 recipe={"name": "dkd", "plus": [{"name": "rkd", "weight": 0.1}]})
+    assert cli.main(["train", str(_write(tmp_path / "c.yaml", cfg))]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "combo" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert {"loss/ce", "loss/dkd", "loss/rkd_distance", "loss/rkd_angle"} <= set(train_rows[0])
+    first = train_rows[0]
+    expected = first["loss/ce"] + first["loss/dkd"] + 0.1 * (25 * first["loss/rkd_distance"]
+                                                             + 50 * first["loss/rkd_angle"])
+    assert first["loss"] == pytest.approx(expected, rel=1e-6)

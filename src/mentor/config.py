@@ -24,8 +24,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["ConfigError", "RunConfig", "DataConfig", "ModelConfig", "TeacherConfig", "RecipeConfig", "OptimConfig",
-           "TrainConfig", "load_config", "parse_overrides", "config_from_dict"]
+__all__ = ["ConfigError", "RunConfig", "DataConfig", "ModelConfig", "TeacherConfig", "RecipeConfig",
+           "ExtraRecipeConfig", "build_method", "OptimConfig", "TrainConfig", "load_config", "parse_overrides",
+           "config_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -84,11 +85,22 @@ class TeacherConfig(_Strict):
         return self
 
 
+class ExtraRecipeConfig(_Strict):
+    """Another recipe whose terms join the main one's, with a weight (a number or ``{kind: {arguments}}``, see
+    :func:`mentor.schedules.from_spec`) on top of each term's own weight."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    weight: float | dict[str, Any] = 1.0
+
+
 class RecipeConfig(_Strict):
-    """A recipe by name (see ``mentor recipes``) with its keyword arguments."""
+    """A recipe by name (see ``mentor recipes``) with its keyword arguments, plus the terms of other recipes
+    (``plus``), e.g. ``{name: dkd, plus: [{name: fitnet, weight: 0.5}]}``."""
 
     name: str = "supervised"
     args: dict[str, Any] = Field(default_factory=dict)
+    plus: list[ExtraRecipeConfig] = Field(default_factory=list)
 
 
 class OptimConfig(_Strict):
@@ -206,11 +218,24 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
     return cfg
 
 
-def _check_recipe(cfg: RunConfig) -> None:
+def build_method(recipe: RecipeConfig) -> Any:
+    """The :class:`~mentor.method.Method` a recipe section describes (the main recipe, plus any ``plus`` recipes)."""
     from mentor.recipes import build_recipe
+    from mentor.schedules import from_spec
 
+    method = build_recipe(recipe.name, recipe.args)
+    for i, extra in enumerate(recipe.plus):
+        try:
+            weight = from_spec(extra.weight)
+        except ValueError as err:
+            raise ValueError(f"plus[{i}].weight: {err}") from None
+        method = method.plus(build_recipe(extra.name, extra.args), weight)
+    return method
+
+
+def _check_recipe(cfg: RunConfig) -> None:
     try:
-        method = build_recipe(cfg.recipe.name, cfg.recipe.args)
+        method = build_method(cfg.recipe)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"recipe: {err}") from None
     if method.needs_teacher and cfg.teacher is None and method.generations == 1:

@@ -9,6 +9,7 @@ needs labels) and its weight schedule. The step's loss is ``sum_i w_i(step) * te
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from mentor.data import UNLABELLED
-from mentor.schedules import Schedule, as_schedule
+from mentor.schedules import Product, Schedule, as_schedule
 
 __all__ = ["Feature", "Term", "Method", "compute_terms"]
 
@@ -149,6 +150,23 @@ class Method:
     @property
     def needs_labels(self) -> bool:
         return any(t.uses_labels for t in self.terms)
+
+    def plus(self, other: Method, weight: Schedule | float = 1.0) -> Method:
+        """This method with ``other``'s terms added (``"dkd + fitnet"``), each weighted by ``weight`` on top of its
+        own weight; ``other``'s terms whose names this method already has (its own ``"ce"``, say) are left out, and
+        its features join this method's (a feature name used by both must name the same taps)."""
+        scale = as_schedule(weight)
+        have = {t.name for t in self.terms}
+        added = tuple(dataclasses.replace(t, weight=Product(t.weight, scale))  # type: ignore[arg-type]
+                      for t in other.terms if t.name not in have)
+        features = {f.name: f for f in self.features}
+        for f in other.features:
+            if f.name in features and features[f.name] != f:
+                raise ValueError(f"methods {self.name!r} and {other.name!r} both define feature {f.name!r} "
+                                 f"differently: {features[f.name]} vs {f}")
+            features.setdefault(f.name, f)
+        return Method(f"{self.name}+{other.name}", self.terms + added, self.generations, self.description,
+                      tuple(features.values()))
 
     def with_terms(self, *extra: Term) -> Method:
         """A copy with more terms."""

@@ -18,11 +18,10 @@ import torch
 from torch import nn
 
 from mentor import atomic
-from mentor.config import ConfigError, RunConfig, TeacherConfig, dump_config, load_config
+from mentor.config import ConfigError, RunConfig, TeacherConfig, build_method, dump_config, load_config
 from mentor.data import TensorData, check_data, mnist1d, mnist1d_transfer
 from mentor.method import Method
 from mentor.models import build_model
-from mentor.recipes import build_recipe
 from mentor.teachers import Frozen
 from mentor.train import FitResult, Optim, check_setup, fit, load_model_weights
 
@@ -105,7 +104,7 @@ def is_main_process() -> bool:
 
 def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResult:
     """Run a validated config end to end (every generation), writing the run directory."""
-    method = build_recipe(cfg.recipe.name, cfg.recipe.args)
+    method = build_method(cfg.recipe)
     teacher_model = load_teacher(cfg.teacher) if cfg.teacher is not None else None
     t = cfg.train
     out = cfg.run_dir

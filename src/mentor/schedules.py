@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Schedule", "Constant", "Linear", "Cosine", "RampUp", "Step", "as_schedule"]
+__all__ = ["Schedule", "Constant", "Linear", "Cosine", "RampUp", "Step", "Product", "as_schedule", "from_spec"]
 
 
 @runtime_checkable
@@ -116,3 +116,39 @@ def as_schedule(value: float | Schedule) -> Schedule:
     if callable(value):
         return value
     raise TypeError(f"expected a number or a schedule (callable step -> float), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Product:
+    """``a(step) * b(step)``: for example a recipe's own term weight times the weight the config gives the recipe."""
+
+    a: Schedule
+    b: Schedule
+
+    def __call__(self, step: int) -> float:
+        return float(self.a(step)) * float(self.b(step))
+
+
+_KINDS = {"constant": Constant, "linear": Linear, "cosine": Cosine, "rampup": RampUp, "step": Step}
+
+
+def from_spec(spec: object) -> Schedule:
+    """A schedule from a config value: a number (constant), or a one-key mapping ``{kind: {arguments}}`` with kind
+    one of ``constant``, ``linear``, ``cosine``, ``rampup``, ``step`` (e.g. ``{linear: {start: 0, end: 1,
+    steps: 1000}}``)."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return Constant(float(spec))
+    if isinstance(spec, dict) and len(spec) == 1:
+        kind, args = next(iter(spec.items()))
+        if kind not in _KINDS:
+            raise ValueError(f"unknown schedule {kind!r}: expected one of {', '.join(_KINDS)}")
+        if not isinstance(args, dict):
+            raise ValueError(f"schedule {kind!r} needs a mapping of arguments, got {args!r}")
+        if kind == "step":
+            args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+        try:
+            return _KINDS[kind](**args)  # type: ignore[no-any-return]
+        except TypeError as err:
+            raise ValueError(f"schedule {kind!r}: {err}") from None
+    raise ValueError(f"a schedule is a number or {{kind: {{arguments}}}}, got {spec!r}")
+
