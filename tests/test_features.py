@@ -107,3 +107,27 @@ def test_feature_errors_come_before_training(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"needs a teacher network .*got Callable"):
         fit(student, recipes.fitnet(), _data(), teacher=teachers.Callable(teacher), epochs=1, batch_size=16,
             progress=False)
+
+
+def test_feature_regression_scores_equal_a_hand_computation_and_flag_unusual_inputs() -> None:
+    from mentor.eval import feature_discrepancy
+
+    student, teacher = _models()
+    normal = TensorData(_data(256).x, torch.full((256,), UNLABELLED))
+    method = recipes.feature_regression()
+    result = fit(student, method, normal, teacher=teachers.Frozen(teacher), epochs=30, batch_size=32,
+                 optim=Optim(lr=3e-3), progress=False, seed=3)
+    scores = feature_discrepancy(result.student, teacher, method, normal, result.projectors)
+    assert scores.shape == (256,)
+    with torch.no_grad():
+        x = normal.x
+        h = x.reshape(len(x), 1, -1)
+        for conv in (teacher.conv1, teacher.conv2, teacher.conv3):
+            h = torch.relu(conv(h))
+        assert result.projectors is not None
+        hand = ((result.projectors["f"](student.features(x)) - h.flatten(1)) ** 2).sum(dim=1)
+    torch.testing.assert_close(scores, hand, rtol=1e-5, atol=1e-6)
+    # inputs far from the training data (10x the scale) score far higher than the data it learned from
+    unusual = TensorData(10 * normal.x, normal.y)
+    assert float(feature_discrepancy(result.student, teacher, method, unusual, result.projectors).median()) > \
+        10 * float(scores.median())

@@ -20,7 +20,8 @@ from mentor.data import UNLABELLED, TensorData
 from mentor.models import count_parameters
 from mentor.teachers import Teacher, as_outputs
 
-__all__ = ["evaluate", "expected_calibration_error", "reliability_bins", "latency_ms", "predict"]
+__all__ = ["evaluate", "expected_calibration_error", "reliability_bins", "latency_ms", "predict",
+           "feature_discrepancy"]
 
 
 @torch.no_grad()
@@ -124,3 +125,54 @@ def evaluate(
     if timing:
         result["latency_ms"] = latency_ms(model, data.x[:batch_size].to(device))
     return result
+
+
+@torch.no_grad()
+def feature_discrepancy(
+    student: nn.Module,
+    teacher: nn.Module,
+    method: Any,
+    data: TensorData,
+    projectors: nn.Module | None = None,
+    *,
+    feature: str | None = None,
+    batch_size: int = 1000,
+) -> Tensor:
+    """Per-item ``||P(f_s) - f_t||^2`` of a feature a method taps (the anomaly score of ``feature_regression``).
+
+    Args:
+        student: The trained student.
+        teacher: The teacher network.
+        method: The method whose :class:`~mentor.method.Feature` list names the taps (e.g. ``feature_regression()``).
+        data: Items to score.
+        projectors: The trained projectors (``FitResult.projectors``), for features that have one.
+        feature: Which feature (default: the method's first).
+        batch_size: Items per forward.
+
+    Returns:
+        ``[N]`` float32 scores (higher: less like the student's training data).
+    """
+    from mentor.taps import FeaturePairs
+
+    name = feature or method.features[0].name
+    pairs = FeaturePairs(method.features, student, teacher, data.x[:2])
+    if projectors is not None:
+        pairs.projectors = projectors  # type: ignore[assignment]
+    was = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    scores = []
+    try:
+        for x, _ in data.batches(batch_size):
+            s_out: dict[str, Tensor] = {}
+            t_out: dict[str, Tensor] = {}
+            with pairs.capture():
+                teacher(x)
+                student(x)
+            pairs.merge(s_out, t_out)
+            scores.append(losses.squared_error_per_item(s_out[f"feat.{name}"], t_out[f"feat.{name}"]).float())
+    finally:
+        student.train(was[0])
+        teacher.train(was[1])
+    return torch.cat(scores)
+

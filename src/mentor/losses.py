@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "reduce_items",
+    "squared_error_per_item",
     "kl_div",
     "generalized_jsd",
     "skew_kl",
@@ -803,6 +804,22 @@ def cka_loss(x: Tensor, y: Tensor) -> Tensor:
         A scalar tensor (float32 for half precision inputs).
     """
     return 1.0 - linear_cka(x, y)
+
+
+def squared_error_per_item(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """``||f_s - f_t||^2`` of each item (dim 0), summed over all its other dimensions: ``[B, ...] -> [B]``.
+
+    The per-item form of :func:`hint_mse`; a student that regresses teacher features scores anomalies with it
+    (EfficientAD, Batzner et al. 2024, https://arxiv.org/abs/2303.14535: the student-teacher discrepancy is large
+    where the student never saw similar inputs).
+    """
+    s = _floating("student_feat", student_feat)
+    t = _floating("teacher_feat", teacher_feat)
+    _check_same_shape("features", s, t)
+    if s.dim() < 1:
+        raise ValueError(f"features need an item dimension [B, ...], got shape {tuple(s.shape)}")
+    diff = s - t
+    return _per_item_sum(diff * diff)
 
 
 def hint_mse(

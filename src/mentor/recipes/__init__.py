@@ -12,6 +12,7 @@ from mentor.recipes.attention_transfer import attention_transfer
 from mentor.recipes.born_again import born_again
 from mentor.recipes.dist import dist
 from mentor.recipes.dkd import dkd
+from mentor.recipes.feature_regression import feature_regression
 from mentor.recipes.fitnet import fitnet
 from mentor.recipes.hard_label_kd import hard_label_kd
 from mentor.recipes.hinton_kd import hinton_kd
@@ -21,8 +22,8 @@ from mentor.recipes.similarity_preserving import similarity_preserving
 from mentor.recipes.supervised import supervised
 from mentor.recipes.transfer_kd import transfer_kd
 
-__all__ = ["RECIPES", "attention_transfer", "born_again", "build_recipe", "dist", "dkd", "fitnet", "hard_label_kd",
-           "hinton_kd", "ltd", "rkd", "similarity_preserving", "supervised", "transfer_kd"]
+__all__ = ["RECIPES", "attention_transfer", "born_again", "build_recipe", "dist", "dkd", "feature_regression",
+           "fitnet", "hard_label_kd", "hinton_kd", "ltd", "rkd", "similarity_preserving", "supervised", "transfer_kd"]
 
 RECIPES: Mapping[str, Callable[..., Method]] = {
     "supervised": supervised,
@@ -37,6 +38,7 @@ RECIPES: Mapping[str, Callable[..., Method]] = {
     "similarity_preserving": similarity_preserving,
     "dkd": dkd,
     "dist": dist,
+    "feature_regression": feature_regression,
 }
 
 
