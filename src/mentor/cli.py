@@ -1,4 +1,4 @@
-"""The ``mentor`` command line: ``train``, ``eval``, ``report``, ``recipes``, ``demo``.
+"""The ``mentor`` command line: ``train``, ``eval``, ``report``, ``recipes``, ``demo``, ``select``.
 
 Every command has ``--help``. Configuration errors are printed as one clear message (exit status 2) before any
 work starts.
@@ -106,6 +106,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_SELECT_COLUMNS = [("rank", "rank"), ("name", "candidate"), ("params", "params"), ("score", "score"),
+                   ("semantic", "semantic"), ("relational", "relational")]
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    import time
+
+    from mentor.config import ConfigError, load_config
+    from mentor.select import rank_candidates
+
+    start = time.perf_counter()
+    cfg = load_config(args.config)
+    if cfg.teacher is None:
+        raise ConfigError(f"{args.config!r} names no teacher: 'mentor select' scores candidates against the teacher "
+                          "of CONFIG, so set 'teacher.run' or 'teacher.checkpoint' there")
+    candidates = []
+    for path in args.candidates:
+        try:
+            candidates.append(load_config(path))
+        except ConfigError as err:
+            raise ConfigError(f"--candidates {path}: {err}") from None
+    names = [c.name for c in candidates]
+    if len(set(names)) < len(names):  # configs without distinct names: label them by file instead
+        names = [str(p) for p in args.candidates]
+    rows = rank_candidates(cfg, candidates, num_batches=args.batches, batch_size=args.batch_size, names=names,
+                           teacher_layer=args.teacher_layer, student_layer=args.student_layer)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"rows": rows, "seconds": seconds}))
+    else:
+        print(format_table(rows, _SELECT_COLUMNS))
+        print(f"{len(rows)} candidates scored in {seconds:.2f} s (higher score = predicted better student; "
+              "0 is the maximum, reached by a copy of the teacher)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mentor",
@@ -149,6 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("select", help="rank candidate students for a teacher without training (DisWOT)",
+                       description="Rank candidate students for the teacher of CONFIG at initialisation, without "
+                                   "training them (DisWOT, Dong et al. 2023, arXiv:2303.15678). On a few batches "
+                                   "of CONFIG's training data, each untrained student's penultimate features are "
+                                   "compared with the teacher's: 'relational' is minus the distance between their "
+                                   "batch correlation matrices, 'semantic' minus the distance between their class "
+                                   "correlation matrices of class-conditional activations (the true-class logit's "
+                                   "gradient at the classifier, a Grad-CAM-like signal); 'score' is their sum. "
+                                   "Higher is better; 0 is the maximum (a copy of the teacher). Takes seconds.",
+                       epilog="example: mentor select configs/kd.yaml --candidates small.yaml wide.yaml deep.yaml")
+    p.add_argument("config", help="the base YAML config; its teacher, data and seed are used")
+    p.add_argument("--candidates", nargs="+", required=True, metavar="YAML",
+                   help="one or more candidate configs; each one's 'student' (model, args) and 'seed' are scored")
+    p.add_argument("--batches", type=int, default=4, help="batches to average over (default: 4)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per batch (default: 64)")
+    p.add_argument("--teacher-layer", default="classifier",
+                   help="teacher module whose input is the compared feature (default: classifier)")
+    p.add_argument("--student-layer", default="classifier",
+                   help="student module whose input is the compared feature (default: classifier)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (rows and seconds) instead of a table")
+    p.set_defaults(fn=_cmd_select)
     return parser
 
 
