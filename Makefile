@@ -32,11 +32,17 @@ bench: install
 	$(BIN)/python bench/overhead.py
 	bash bench/setup_peer_env.sh
 	.venv-bench/bin/python bench/kd_mnist1d.py
+	$(BIN)/python bench/soft_vs_hard.py
+	$(BIN)/python bench/catalogue_mnist1d.py
+	$(BIN)/python bench/select_students.py
 
 bench-quick: install
 	$(BIN)/python bench/overhead.py --quick
 	bash bench/setup_peer_env.sh
 	.venv-bench/bin/python bench/kd_mnist1d.py --quick
+	$(BIN)/python bench/soft_vs_hard.py --quick
+	$(BIN)/python bench/catalogue_mnist1d.py --quick
+	$(BIN)/python bench/select_students.py --quick
 
 lint: install
 	$(BIN)/ruff check src tests bench
