@@ -187,3 +187,19 @@ def test_recipe_plus_trains_end_to_end(tmp_path: Path) -> None:
     expected = first["loss/ce"] + first["loss/dkd"] + 0.1 * (25 * first["loss/rkd_distance"]
                                                              + 50 * first["loss/rkd_angle"])
     assert first["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_quantized_student_from_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mentor.quant import quantized_modules
+
+    cfg = _small(tmp_path, "q4", student={"model": "mlp", "args": {"hidden": [16]}, "quantize_bits": 4})
+    assert cli.main(["train", str(_write(tmp_path / "q.yaml", cfg))]) == 0
+    result = json.loads((tmp_path / "q4" / "result.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "q4"), "--json"]) == 0  # rebuilt quantized: the same accuracy
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == result["accuracy"]
+    from mentor.run import build_student
+
+    assert len(quantized_modules(build_student(load_config(tmp_path / "q4" / "config.yaml")))) == 2
+    with pytest.raises(Exception, match=r"student.quantize_bits"):
+        config_from_dict(_small(tmp_path, "q1", student={"model": "mlp", "quantize_bits": 1}))

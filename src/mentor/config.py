@@ -53,10 +53,14 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A model by built-in short name (``mlp``, ``cnn``, ``gru``) or dotted import path, with keyword arguments."""
+    """A model by built-in short name (``mlp``, ``cnn``, ``gru``) or dotted import path, with keyword arguments.
+
+    ``quantize_bits`` (students only): train with ``k``-bit fake-quantized weights (see :mod:`mentor.quant`).
+    """
 
     model: str
     args: dict[str, Any] = Field(default_factory=dict)
+    quantize_bits: int | None = Field(None, ge=2, le=8)
 
     @field_validator("model")
     @classmethod

@@ -57,9 +57,14 @@ def build_student(cfg: RunConfig, seed: int | None = None) -> nn.Module:
     """The student of the config, initialised from ``seed`` (the config's seed by default)."""
     torch.manual_seed(cfg.seed if seed is None else seed)
     try:
-        return build_model(cfg.student.model, cfg.student.args)
+        model = build_model(cfg.student.model, cfg.student.args)
     except ValueError as err:
         raise ConfigError(f"student.model: {err}") from None
+    if cfg.student.quantize_bits is not None:
+        from mentor.quant import quantize_weights
+
+        quantize_weights(model, cfg.student.quantize_bits)
+    return model
 
 
 def load_teacher(spec: TeacherConfig) -> nn.Module:
@@ -74,15 +79,21 @@ def load_teacher(spec: TeacherConfig) -> nn.Module:
             )
         teacher_cfg = load_config(cfg_path)
         model_name, args = teacher_cfg.student.model, teacher_cfg.student.args
+        bits = teacher_cfg.student.quantize_bits  # a quantized run teaches with its quantized weights
     else:
         assert spec.checkpoint is not None and spec.model is not None
         weights, model_name, args = Path(spec.checkpoint), spec.model, spec.args
+        bits = None
         if not weights.is_file():
             raise ConfigError(f"teacher.checkpoint = {spec.checkpoint!r} does not exist")
     try:
         model = build_model(model_name, args)
     except ValueError as err:
         raise ConfigError(f"teacher.model: {err}") from None
+    if bits is not None:
+        from mentor.quant import quantize_weights
+
+        quantize_weights(model, bits)
     try:
         load_model_weights(model, weights)
     except ValueError as err:
