@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -653,13 +654,18 @@ def rkd_distance(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     Returns:
         A scalar tensor (float32 for half precision inputs).
     """
+    return _relation_huber(student_emb, teacher_emb, _rkd_distances)
+
+
+def _relation_huber(student_emb: Tensor, teacher_emb: Tensor, relation: Callable[[Tensor], Tensor]) -> Tensor:
+    """Huber (delta 1, mean) between ``relation`` of the student's and of the teacher's (no-grad) embeddings."""
     s = _batch_rows("student_emb", student_emb)
     t = _batch_rows("teacher_emb", teacher_emb)
     _check_batch(student_emb, teacher_emb)
     with torch.no_grad():
-        d_t = _rkd_distances(t)
-    d_s = _rkd_distances(s)
-    return F.smooth_l1_loss(d_s, d_t.to(d_s.dtype), reduction="mean", beta=1.0) if s.shape[0] else d_s.sum()
+        r_t = relation(t)
+    r_s = relation(s)
+    return F.smooth_l1_loss(r_s, r_t.to(r_s.dtype), reduction="mean", beta=1.0) if s.shape[0] else r_s.sum()
 
 
 def _rkd_cosines(e: Tensor) -> Tensor:
@@ -687,13 +693,7 @@ def rkd_angle(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     Returns:
         A scalar tensor (float32 for half precision inputs).
     """
-    s = _batch_rows("student_emb", student_emb)
-    t = _batch_rows("teacher_emb", teacher_emb)
-    _check_batch(student_emb, teacher_emb)
-    with torch.no_grad():
-        cos_t = _rkd_cosines(t)
-    cos_s = _rkd_cosines(s)
-    return F.smooth_l1_loss(cos_s, cos_t.to(cos_s.dtype), reduction="mean", beta=1.0) if s.shape[0] else cos_s.sum()
+    return _relation_huber(student_emb, teacher_emb, _rkd_cosines)
 
 
 def attention_transfer(student_feat: Tensor, teacher_feat: Tensor, *, p: float = 2) -> Tensor:
