@@ -586,3 +586,18 @@ def test_tracker_without_its_package_fails_before_training(tmp_path: Path) -> No
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match=r"unknown tracker 'comet'"):
         fit(MLP(hidden=[8]), recipes.supervised(), data, epochs=1, batch_size=8, trackers=["comet"], progress=False)
+
+
+def test_wrong_feature_layer_fails_before_the_run_directory_is_written(tmp_path: Path) -> None:
+    teacher_path = tmp_path / "t.safetensors"
+    save_model(CNN1d(channels=4), teacher_path)
+    cfg = config_from_dict({
+        "name": "fit", "data": {"num_labelled": 200},
+        "student": {"model": "mlp", "args": {"hidden": [8]}},
+        "teacher": {"checkpoint": str(teacher_path), "model": "cnn", "args": {"channels": 4}},
+        "recipe": {"name": "fitnet", "args": {"teacher_layer": "conv9", "inputs": False}},
+        "train": {"epochs": 1, "batch_size": 50, "out": str(tmp_path), "progress": False},
+    })
+    with pytest.raises(ValueError, match=r"teacher feature: .*'conv9'.*conv1"):
+        run(cfg)
+    assert not (tmp_path / "fit").exists()

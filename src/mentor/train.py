@@ -328,8 +328,20 @@ def check_setup(student: nn.Module, teacher: Teacher | None, method: Method, dat
                 f"teacher has {t_logits.shape[-1]} output classes but the student has {num_classes}: "
                 "expected the same number of classes"
             )
+    if method.features:
+        _feature_pairs(method, student, teacher, data.x[:2])  # module names, shapes and projectors, checked
     check_data(data, name, num_classes)
     return num_classes
+
+
+def _feature_pairs(method: Method, student: nn.Module, teacher: Teacher | None, example: Tensor) -> FeaturePairs:
+    teacher_net = getattr(teacher, "model", None)
+    if not isinstance(teacher_net, nn.Module):
+        raise ValueError(
+            f"recipe {method.name!r} compares intermediate features, which needs a teacher network "
+            f"(teachers.Frozen or teachers.EMA), got {type(teacher).__name__}"
+        )
+    return FeaturePairs(method.features, student, teacher_net, example)
 
 
 def fit(
@@ -443,15 +455,7 @@ def fit(
         )
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
 
-    features: FeaturePairs | None = None
-    if method.features:
-        teacher_net = getattr(teacher, "model", None)
-        if not isinstance(teacher_net, nn.Module):
-            raise ValueError(
-                f"recipe {method.name!r} compares intermediate features, which needs a teacher network "
-                f"(teachers.Frozen or teachers.EMA), got {type(teacher).__name__}"
-            )
-        features = FeaturePairs(method.features, student, teacher_net, train_data.x[:2])
+    features = _feature_pairs(method, student, teacher, train_data.x[:2]) if method.features else None
     projectors = features.projectors if features is not None and len(features.projectors) else None
 
     student.to(device)
