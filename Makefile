@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The pinned CPU build of torch first (see DEVELOPERS.md): a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,lm]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,7 @@ test-fast: install
 # torchvision 0.29.1 + torchdistill + mentor), which bench/setup_peer_env.sh makes (about 2 minutes, 5.8 GB).
 bench: install
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/overhead_recipes.py
 	bash bench/setup_peer_env.sh
 	.venv-bench/bin/python bench/kd_mnist1d.py
 	$(BIN)/python bench/soft_vs_hard.py
@@ -38,6 +39,7 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python bench/overhead.py --quick
+	$(BIN)/python bench/overhead_recipes.py --quick
 	bash bench/setup_peer_env.sh
 	.venv-bench/bin/python bench/kd_mnist1d.py --quick
 	$(BIN)/python bench/soft_vs_hard.py --quick

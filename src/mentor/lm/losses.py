@@ -1,0 +1,403 @@
+"""Token-level distillation losses for causal LMs, chunked along the sequence.
+
+The divergences themselves are the functions of :mod:`mentor.losses` (``kl_div``, ``generalized_jsd``, ``skew_kl``,
+``tvd``); this module only decides **which positions** are compared and **in what pieces**, and never restates a
+formula.
+
+* **Positions.** A causal LM's logits at position ``t`` predict token ``t + 1``. With ``shift=True`` (the default)
+  the logits at positions ``[0, T - 1)`` are compared where ``labels[:, 1:] != ignore_index`` (the ``-100``
+  convention of Hugging Face: prompt, padding and anything else not to be learned carry ``-100``). With
+  ``shift=False`` the labels are already aligned with the logits.
+* **Normaliser.** The loss is ``sum over target tokens of divergence(token) / num_items``. Pass as ``num_items`` the
+  number of target tokens of the **whole optimizer step** (all micro-batches, all processes; :func:`count_targets`
+  counts one micro-batch) and gradient accumulation gives exactly the gradient of one large batch. Left ``None``,
+  it is the number of target tokens of this call (at least 1, so a call without any target gives 0, never NaN).
+* **Chunks.** :func:`token_kd` takes final hidden states and output layers instead of logits. It walks the
+  ``N`` target positions ``chunk_size`` at a time: per chunk it computes the student's and the teacher's
+  ``[chunk, vocab]`` logits, the divergence, and (when a gradient is needed) the gradient of the divergence with
+  respect to the chunk's student logits, which it turns at once into gradients for the hidden states and the
+  output weight. So at most one ``[chunk, vocab]`` logits block per model is alive at a time, in the forward and in
+  the backward, and the full ``[tokens, vocab]`` logits never exist. The backward (a custom autograd function) only
+  scales the gradients kept from the forward: no recomputation. Without grad mode (evaluation) no gradient is
+  computed.
+* **Vocabularies.** See :mod:`mentor.lm.vocab`: equal output sizes are required unless ``vocab_size`` (the shared
+  tokenizer's length) is given, in which case both sides are truncated to ``[0, vocab_size)``.
+
+The teacher side always runs without gradient: the teacher never receives one.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from mentor import losses
+from mentor.lm.vocab import shared_vocab_size
+
+__all__ = [
+    "DIVERGENCES",
+    "Divergence",
+    "divergence",
+    "target_mask",
+    "count_targets",
+    "token_kd",
+    "token_kd_from_logits",
+]
+
+Divergence = Callable[..., Tensor]
+"""``divergence(student_logits [n, V], teacher_logits [n, V], *, num_items) -> scalar``: a function of
+:mod:`mentor.losses` with its hyper-parameters bound (see :func:`divergence`)."""
+
+HeadLike = nn.Module | Tensor | Callable[[Tensor], Tensor]
+NumItems = int | float | Tensor | None
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+"""Names :func:`divergence` accepts."""
+
+
+def divergence(
+    name: str, *, temperature: float = 1.0, beta: float | None = None, alpha: float | None = None
+) -> Divergence:
+    """A token divergence from :mod:`mentor.losses`, with its hyper-parameters bound.
+
+    ================== ======================================================= ===========================
+    name               value per token (``p_t`` teacher, ``p_s`` student)     function
+    ================== ======================================================= ===========================
+    ``forward_kl``     ``KL(p_t || p_s)``                                      ``losses.kl_div``
+    ``reverse_kl``     ``KL(p_s || p_t)``                                      ``losses.kl_div(reverse)``
+    ``jsd``            generalised JSD of GKD, ``beta`` in ``[0, 1]``          ``losses.generalized_jsd``
+    ``skew_forward_kl`` ``KL(p_t || a p_t + (1 - a) p_s)`` (DistiLLM)          ``losses.skew_kl``
+    ``skew_reverse_kl`` ``KL(p_s || a p_s + (1 - a) p_t)`` (DistiLLM)          ``losses.skew_kl(reverse)``
+    ``tvd``            ``0.5 * sum |p_t - p_s|``                               ``losses.tvd``
+    ================== ======================================================= ===========================
+
+    Every value is scaled by ``temperature ** 2`` (the convention of :mod:`mentor.losses`).
+
+    Args:
+        name: One of :data:`DIVERGENCES`.
+        temperature: Softmax temperature of both models (> 0).
+        beta: ``jsd`` only; default 0.5.
+        alpha: ``skew_forward_kl`` / ``skew_reverse_kl`` only; the skew in ``[0, 1)``, default 0.1.
+
+    Returns:
+        ``fn(student_logits, teacher_logits, *, num_items=..., mask=...) -> scalar``.
+
+    Raises:
+        ValueError: An unknown name, a hyper-parameter the divergence does not take, or a value out of range.
+    """
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; expected one of {', '.join(DIVERGENCES)}")
+    if beta is not None and name != "jsd":
+        raise ValueError(f"beta is a parameter of 'jsd' only, got beta={beta!r} for {name!r}")
+    if alpha is not None and not name.startswith("skew_"):
+        raise ValueError(f"alpha is a parameter of the skew divergences only, got alpha={alpha!r} for {name!r}")
+    fn: Divergence
+    if name in ("forward_kl", "reverse_kl"):
+        fn = functools.partial(losses.kl_div, temperature=temperature, reverse=name == "reverse_kl")
+    elif name == "jsd":
+        fn = functools.partial(losses.generalized_jsd, beta=0.5 if beta is None else beta, temperature=temperature)
+    elif name == "tvd":
+        fn = functools.partial(losses.tvd, temperature=temperature)
+    else:
+        fn = functools.partial(
+            losses.skew_kl,
+            alpha=0.1 if alpha is None else alpha,
+            reverse=name == "skew_reverse_kl",
+            temperature=temperature,
+        )
+    fn(torch.zeros(1, 2), torch.zeros(1, 2))  # validates the hyper-parameters now, with the losses' own messages
+    return fn
+
+
+def _resolve_divergence(div: str | Divergence) -> Divergence:
+    if isinstance(div, str):
+        return divergence(div)
+    if not callable(div):
+        raise TypeError(f"divergence must be a name ({', '.join(DIVERGENCES)}) or a callable, got {div!r}")
+    return div
+
+
+def target_mask(labels: Tensor, *, shift: bool = True, ignore_index: int = -100) -> Tensor:
+    """Which logit positions have a target token.
+
+    Args:
+        labels: Integer token labels ``[B, T]``; ``ignore_index`` marks positions without a target.
+        shift: Causal-LM shift: logits at ``t`` predict ``labels[:, t + 1]``.
+        ignore_index: The label of a position without a target.
+
+    Returns:
+        Boolean ``[B, T - 1]`` with ``shift`` (over logit positions ``0 .. T - 2``), else ``[B, T]``.
+    """
+    if labels.dim() != 2 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor [B, T], got shape {tuple(labels.shape)} {labels.dtype}")
+    aligned = labels[:, 1:] if shift else labels
+    return aligned != ignore_index
+
+
+def count_targets(labels: Tensor, *, shift: bool = True, ignore_index: int = -100) -> int:
+    """The number of target tokens in ``labels`` ``[B, T]``: sum it over the micro-batches of an optimizer step and
+    pass the total as ``num_items``."""
+    return int(target_mask(labels, shift=shift, ignore_index=ignore_index).sum())
+
+
+def _check_targets(labels: Tensor, mask: Tensor, shift: bool, vocab: int) -> None:
+    aligned = labels[:, 1:] if shift else labels
+    targets = aligned[mask]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(
+            f"target token ids must lie in [0, {vocab}) (the compared vocabulary), got ids in "
+            f"[{int(targets.min())}, {int(targets.max())}]; labels without a target must be the ignore_index"
+        )
+
+
+def _normaliser(num_items: NumItems, count: int) -> int | float | Tensor:
+    if num_items is None:
+        return max(count, 1)
+    if isinstance(num_items, Tensor):
+        return num_items
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or not num_items > 0:
+        raise ValueError(f"num_items must be a number > 0 (target tokens in the optimizer step), got {num_items!r}")
+    return num_items
+
+
+def token_kd_from_logits(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str | Divergence = "forward_kl",
+    num_items: NumItems = None,
+    vocab_size: int | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Token-level KD from full logits (not chunked): the reference for :func:`token_kd`, and the cheaper call
+    when the logits already exist.
+
+    Args:
+        student_logits: ``[B, T, Vs]``.
+        teacher_logits: ``[B, T, Vt]``; compared without gradient.
+        labels: ``[B, T]`` integer labels, ``ignore_index`` where there is no target.
+        divergence: A name of :data:`DIVERGENCES` (default hyper-parameters) or a function from :func:`divergence`.
+        num_items: Normaliser: the number of target tokens in the whole optimizer step (see the module docstring).
+        vocab_size: The shared tokenizer's length, when the output sizes differ by padded rows.
+        shift: Causal-LM shift (see :func:`target_mask`).
+        ignore_index: The label of a position without a target.
+
+    Returns:
+        A scalar tensor.
+    """
+    div = _resolve_divergence(divergence)
+    if student_logits.dim() != 3 or teacher_logits.dim() != 3:
+        raise ValueError(
+            f"logits must be [B, T, V], got student {tuple(student_logits.shape)}, "
+            f"teacher {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape[:2] != labels.shape or teacher_logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits [B, T, V] must match labels [B, T]: student {tuple(student_logits.shape)}, teacher "
+            f"{tuple(teacher_logits.shape)}, labels {tuple(labels.shape)}"
+        )
+    vocab = shared_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    mask = target_mask(labels, shift=shift, ignore_index=ignore_index)
+    _check_targets(labels, mask, shift, vocab)
+    s = student_logits[:, :-1] if shift else student_logits
+    t = teacher_logits[:, :-1] if shift else teacher_logits
+    with torch.no_grad():
+        t_sel = t[mask][:, :vocab]
+    return div(s[mask][:, :vocab], t_sel, num_items=_normaliser(num_items, int(mask.sum())))
+
+
+def _student_head(head: nn.Module | Tensor) -> tuple[Tensor, Tensor | None]:
+    if isinstance(head, Tensor):
+        return head, None
+    weight = getattr(head, "weight", None)
+    if isinstance(head, nn.Linear) and isinstance(weight, Tensor):
+        return weight, head.bias
+    raise TypeError(
+        f"student_head must be an nn.Linear or a weight tensor [V, D] (for example model.get_output_embeddings()), "
+        f"got {type(head).__name__}"
+    )
+
+
+def _teacher_head(head: HeadLike) -> tuple[Callable[[Tensor], Tensor], int | None]:
+    """A no-grad function ``hidden [n, D] -> logits [n, V]`` and ``V`` when known without calling it."""
+    if isinstance(head, Tensor):
+        weight = head.detach()
+        return (lambda h: F.linear(h, weight)), weight.shape[0]
+    if isinstance(head, nn.Linear):
+        return (lambda h: F.linear(h, head.weight.detach(), None if head.bias is None else head.bias.detach())), (
+            head.out_features
+        )
+    if callable(head):
+        return head, None
+    raise TypeError(f"teacher_head must be an nn.Linear, a weight tensor [V, D] or a callable, got {head!r}")
+
+
+def _chunk_loop(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher_hidden: Tensor,
+    teacher_logits: Callable[[Tensor], Tensor],
+    div: Divergence,
+    chunk_size: int,
+    vocab: int,
+    num_items: int | float | Tensor,
+    want: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The loss over ``hidden`` ``[N, D]`` chunk by chunk, and the gradients asked for by ``want`` (hidden, weight,
+    bias). Runs without building a graph outside each chunk's divergence."""
+    w = weight.detach()[:vocab]
+    b = None if bias is None else bias.detach()[:vocab]
+    h_all = hidden.detach()
+    t_all = teacher_hidden.detach()
+    grad_h = torch.zeros_like(h_all) if want[0] else None
+    grad_w = torch.zeros_like(weight) if want[1] else None
+    grad_b = torch.zeros_like(bias) if want[2] and bias is not None else None
+    total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    for start in range(0, h_all.shape[0], chunk_size):
+        h = h_all[start : start + chunk_size]
+        with torch.no_grad():
+            t = teacher_logits(t_all[start : start + chunk_size])[:, :vocab]
+        logits = F.linear(h, w, b)
+        if not any(want):
+            with torch.no_grad():
+                total += div(logits, t, num_items=num_items).detach()
+            continue
+        logits.requires_grad_(True)
+        with torch.enable_grad():
+            loss = div(logits, t, num_items=num_items)
+        (g,) = torch.autograd.grad(loss, logits)
+        total += loss.detach()
+        del logits, t, loss  # this chunk's [n, V] blocks go before the next chunk's are made
+        if grad_h is not None:
+            grad_h[start : start + chunk_size] = (g @ w).to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w[:vocab].addmm_(g.t().to(grad_w.dtype), h)
+        if grad_b is not None:
+            grad_b[:vocab] += g.sum(dim=0).to(grad_b.dtype)
+        del g
+    return total, grad_h, grad_w, grad_b
+
+
+class _ChunkedTokenKD(torch.autograd.Function):
+    """Loss and gradients computed together in the forward, chunk by chunk; the backward scales them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        teacher_hidden: Tensor,
+        teacher_logits: Callable[[Tensor], Tensor],
+        div: Divergence,
+        chunk_size: int,
+        vocab: int,
+        num_items: int | float | Tensor,
+    ) -> Tensor:
+        want = (
+            bool(ctx.needs_input_grad[0]),
+            bool(ctx.needs_input_grad[1]),
+            bias is not None and bool(ctx.needs_input_grad[2]),
+        )
+        total, grad_h, grad_w, grad_b = _chunk_loop(
+            hidden, weight, bias, teacher_hidden, teacher_logits, div, chunk_size, vocab, num_items, want
+        )
+        ctx.grads = (grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None  # free the kept gradients with the graph
+        return (*grads, None, None, None, None, None, None)
+
+
+def token_kd(
+    student_hidden: Tensor,
+    student_head: nn.Module | Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: HeadLike,
+    labels: Tensor,
+    *,
+    divergence: str | Divergence = "forward_kl",
+    num_items: NumItems = None,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Token-level KD from final hidden states, chunked so the full ``[tokens, vocab]`` logits never exist.
+
+    Equal (up to float summation order) to :func:`token_kd_from_logits` on ``student_head(student_hidden)`` and
+    ``teacher_head(teacher_hidden)``, with the same gradients, at a peak memory of ``O(chunk_size * vocab)`` per
+    model instead of ``O(tokens * vocab)``.
+
+    Args:
+        student_hidden: The student's final hidden states (after its final norm) ``[B, T, Ds]``
+            (``mentor.lm.models.final_hidden``).
+        student_head: The student's output layer: an ``nn.Linear`` ``Ds -> Vs`` (``model.get_output_embeddings()``)
+            or its weight ``[Vs, Ds]``. Gradients flow to ``student_hidden`` and to this weight (and bias).
+        teacher_hidden: The teacher's final hidden states ``[B, T, Dt]``; used without gradient.
+        teacher_head: The teacher's output layer: an ``nn.Linear``, a weight ``[Vt, Dt]``, or any callable
+            ``hidden [n, Dt] -> logits [n, Vt]`` (for models whose logits are more than one linear layer); called
+            without gradient.
+        labels: ``[B, T]`` integer labels, ``ignore_index`` where there is no target.
+        divergence: A name of :data:`DIVERGENCES` (default hyper-parameters) or a function from :func:`divergence`.
+        num_items: Normaliser: the number of target tokens in the whole optimizer step (see the module docstring).
+        chunk_size: Target positions per chunk (> 0).
+        vocab_size: The shared tokenizer's length, when the output sizes differ by padded rows
+            (:func:`mentor.lm.vocab.shared_vocab_size`).
+        shift: Causal-LM shift (see :func:`target_mask`).
+        ignore_index: The label of a position without a target.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 hidden states). Its backward is not differentiable again.
+    """
+    div = _resolve_divergence(divergence)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if student_hidden.dim() != 3 or teacher_hidden.dim() != 3:
+        raise ValueError(
+            f"hidden states must be [B, T, D], got student {tuple(student_hidden.shape)}, teacher "
+            f"{tuple(teacher_hidden.shape)}"
+        )
+    if student_hidden.shape[:2] != labels.shape or teacher_hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"hidden states [B, T, D] must match labels [B, T]: student {tuple(student_hidden.shape)}, teacher "
+            f"{tuple(teacher_hidden.shape)}, labels {tuple(labels.shape)}"
+        )
+    weight, bias = _student_head(student_head)
+    if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(
+            f"student head weight must be [V, {student_hidden.shape[-1]}] for hidden width "
+            f"{student_hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    teacher_logits, teacher_size = _teacher_head(teacher_head)
+    mask = target_mask(labels, shift=shift, ignore_index=ignore_index)
+    s = (student_hidden[:, :-1] if shift else student_hidden)[mask]  # [N, Ds]
+    t = (teacher_hidden[:, :-1] if shift else teacher_hidden)[mask].detach()  # [N, Dt]
+    if teacher_size is None:  # a callable head: learn its output size from one row
+        with torch.no_grad():
+            probe = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[:1]
+            teacher_size = int(teacher_logits(probe).shape[-1]) if probe.shape[0] else int(weight.shape[0])
+    vocab = shared_vocab_size(weight.shape[0], teacher_size, vocab_size)
+    _check_targets(labels, mask, shift, vocab)
+    norm = _normaliser(num_items, s.shape[0])
+    needs_grad = torch.is_grad_enabled() and (
+        s.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        return _chunk_loop(s, weight, bias, t, teacher_logits, div, int(chunk_size), vocab, norm, (False,) * 3)[0]
+    out = _ChunkedTokenKD.apply(s, weight, bias, t, teacher_logits, div, int(chunk_size), vocab, norm)
+    return out  # type: ignore[no-any-return]

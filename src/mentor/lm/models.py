@@ -1,0 +1,136 @@
+"""Tiny Llama-style causal LMs with random weights, and the two pieces of a causal LM that chunked KD needs.
+
+:func:`tiny_llama` builds a ``transformers.LlamaForCausalLM`` from a ``LlamaConfig``: RMSNorm, rotary positions,
+SwiGLU MLP, head width 64 (``width // 64`` heads, at least one), untied input and output embeddings. The reference
+pair of issue 6 is :func:`tiny_teacher` (4 layers, width 256, about 3.4 M parameters at vocabulary 512) and
+:func:`tiny_student` (2 layers, width 128, about 0.53 M).
+
+:func:`final_hidden` runs a model's decoder only (no ``lm_head``, no logits) and :func:`output_head` returns its
+output layer: together they are what :func:`mentor.lm.losses.token_kd` takes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("mentor.lm.models needs transformers: pip install 'mentor[lm]'") from err
+
+__all__ = ["tiny_llama", "tiny_teacher", "tiny_student", "final_hidden", "output_head", "output_size"]
+
+
+def tiny_llama(
+    layers: int,
+    width: int,
+    vocab: int,
+    *,
+    heads: int | None = None,
+    intermediate: int | None = None,
+    max_positions: int = 512,
+    seed: int = 0,
+    tie_embeddings: bool = False,
+    **config: Any,
+) -> LlamaForCausalLM:
+    """A Llama-style causal LM with random weights.
+
+    Args:
+        layers: Decoder layers.
+        width: Hidden size.
+        vocab: Vocabulary size (``len(tokenizer)``; pass more to get padded output rows).
+        heads: Attention heads; default ``max(1, width // 64)``. Must divide ``width``.
+        intermediate: MLP width; default ``8 * width / 3`` rounded up to a multiple of 32 (Llama's ratio).
+        max_positions: Longest sequence.
+        seed: Seed of the weight initialisation (the global random state is left as it was).
+        tie_embeddings: Share the input embedding and the output layer.
+        **config: More ``LlamaConfig`` fields (``bos_token_id``, ``rms_norm_eps``, ...).
+
+    Returns:
+        The model, in training mode, float32.
+    """
+    for name, value in (("layers", layers), ("width", width), ("vocab", vocab), ("max_positions", max_positions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    heads = max(1, width // 64) if heads is None else heads
+    if heads < 1 or width % heads:
+        raise ValueError(f"heads must be a positive divisor of width={width}, got {heads!r}")
+    if intermediate is None:
+        intermediate = math.ceil(8 * width / 3 / 32) * 32
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        **config,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def tiny_teacher(vocab: int, *, seed: int = 0, **kwargs: Any) -> LlamaForCausalLM:
+    """The reference teacher: :func:`tiny_llama` with 4 layers of width 256."""
+    return tiny_llama(4, 256, vocab, seed=seed, **kwargs)
+
+
+def tiny_student(vocab: int, *, seed: int = 0, **kwargs: Any) -> LlamaForCausalLM:
+    """The reference student: :func:`tiny_llama` with 2 layers of width 128."""
+    return tiny_llama(2, 128, vocab, seed=seed, **kwargs)
+
+
+def _check_plain_head(model: PreTrainedModel) -> None:
+    cfg = model.config
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(cfg, name, None)
+        if value not in (None, 0, 0.0, 1, 1.0):
+            raise ValueError(
+                f"{type(model).__name__} transforms its logits after the output layer ({name}={value!r}); pass a "
+                f"callable that reproduces them instead of the bare output layer"
+            )
+
+
+def output_head(model: PreTrainedModel) -> nn.Linear:
+    """The model's output layer (``lm_head``): final hidden ``[..., D]`` -> logits ``[..., V]``.
+
+    Raises:
+        ValueError: The model's logits are more than its output layer (soft-capping or a logit scale).
+        TypeError: The output layer is not an ``nn.Linear``.
+    """
+    _check_plain_head(model)
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__}'s output layer is {type(head).__name__}, not an nn.Linear")
+    return head
+
+
+def output_size(model: PreTrainedModel) -> int:
+    """The number of logits the model produces per position (its output layer's rows, padding included)."""
+    return int(output_head(model).out_features)
+
+
+def final_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The decoder's final hidden states (after the final norm), without computing logits.
+
+    Args:
+        model: A Hugging Face causal LM (``...ForCausalLM``).
+        input_ids: ``[B, T]``.
+        attention_mask: ``[B, T]``, 1 on real tokens.
+
+    Returns:
+        ``[B, T, D]``; ``output_head(model)(final_hidden(...))`` equals the model's logits.
+    """
+    base = model.base_model
+    if base is model:
+        raise TypeError(f"{type(model).__name__} has no separate decoder (base_model) to run without its head")
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state  # type: ignore[no-any-return]
