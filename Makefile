@@ -36,6 +36,9 @@ bench: install
 	$(BIN)/python bench/soft_vs_hard.py
 	$(BIN)/python bench/catalogue_mnist1d.py
 	$(BIN)/python bench/select_students.py
+	$(BIN)/python bench/quant_mnist1d.py
+	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/mvq.py
 
 bench-quick: install
 	$(BIN)/python bench/overhead.py --quick
@@ -45,6 +48,9 @@ bench-quick: install
 	$(BIN)/python bench/soft_vs_hard.py --quick
 	$(BIN)/python bench/catalogue_mnist1d.py --quick
 	$(BIN)/python bench/select_students.py --quick
+	$(BIN)/python bench/quant_mnist1d.py --quick
+	$(BIN)/python bench/cache.py --quick
+	$(BIN)/python bench/mvq.py --quick
 
 lint: install
 	$(BIN)/ruff check src tests bench

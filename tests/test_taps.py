@@ -383,14 +383,14 @@ def test_projector_formulas() -> None:
 def test_projector_errors_name_the_values() -> None:
     with pytest.raises(ValueError, match=r"kind 'conv' is not one of 'linear', 'conv1x1', 'mlp'"):
         build_projector("conv", (3, 10), (4, 10))
-    assert PROJECTOR_KINDS == ("linear", "conv1x1", "mlp")
+    assert PROJECTOR_KINDS == ("linear", "conv1x1", "mlp", "head")
     with pytest.raises(ValueError, match=r"student shape \(3, 10\) and teacher shape \(4, 8\)"):
         build_projector("conv1x1", (3, 10), (4, 8))
     with pytest.raises(ValueError, match=r"got student shape \(5,\); use 'linear'"):
         build_projector("conv1x1", (5,), (4,))
     with pytest.raises(ValueError, match=r"student shape \(3, 10\) and teacher shape \(8,\)"):
         build_projector("linear", (3, 10), (8,))
-    with pytest.raises(ValueError, match=r"hidden=8 applies only to projector kind 'mlp', not 'linear'"):
+    with pytest.raises(ValueError, match=r"hidden=8 applies only to projector kind 'mlp' or 'head', not 'linear'"):
         build_projector("linear", (3,), (8,), hidden=8)
     with pytest.raises(ValueError, match=r"positive integers .* got \(0, 3\)"):
         build_projector("linear", (0, 3), (0, 4))

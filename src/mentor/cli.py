@@ -1,4 +1,4 @@
-"""The ``mentor`` command line: ``train``, ``eval``, ``report``, ``recipes``, ``demo``, ``select``.
+"""The ``mentor`` command line: ``train``, ``eval``, ``report``, ``recipes``, ``demo``, ``select``, ``cache``.
 
 Every command has ``--help``. Configuration errors are printed as one clear message (exit status 2) before any
 work starts.
@@ -46,8 +46,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run(cfg, resume=args.resume)
     if not is_main_process():
         return 0
-    rows = [{"name": f"{cfg.name}" + (f" gen{i + 1}" if len(result.generations) > 1 else ""), **r.metrics}
+    first = result.first_generation
+    layered = len(result.generations) > 1 or first == 0
+    rows = [{"name": f"{cfg.name}" + (f" gen{first + i}" if layered else ""), **r.metrics}
             for i, r in enumerate(result.generations)]
+    rows += [{"name": f"{cfg.name} peer{i}", **peer}  # a dml cohort: every peer on its own
+             for i, peer in enumerate(result.final.metrics.get("peers", []))]
     print(format_table(rows))
     print(f"run directory: {cfg.run_dir}")
     return 0
@@ -67,7 +71,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / "config.yaml")
     student = build_student(cfg)
     load_model_weights(student, run_dir / "student.safetensors")
-    teacher = Frozen(load_teacher(cfg.teacher)) if cfg.teacher is not None else None
+    has_network = cfg.teacher is not None and (cfg.teacher.run is not None or cfg.teacher.checkpoint is not None)
+    teacher = Frozen(load_teacher(cfg.teacher)) if has_network else None  # type: ignore[arg-type]
     _, test = load_data(cfg)
     metrics = {"name": cfg.name, **evaluate(student, test, teacher, timing=True)}
     if args.json:
@@ -142,6 +147,109 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_build(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+    import time
+
+    import torch
+
+    from mentor.cache import CacheSpec, build, finalize, info
+    from mentor.config import CacheConfig, ConfigError, load_config
+    from mentor.run import build_augment, load_data, load_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.teacher is None or (cfg.teacher.run is None and cfg.teacher.checkpoint is None):
+        raise ConfigError(f"{args.config!r}: 'mentor cache build' runs the teacher network, so set 'teacher.run' or "
+                          "'teacher.checkpoint' (with 'teacher.model')")
+    cc = cfg.cache or CacheConfig()
+    out = cc.dir or cfg.teacher.cache
+    if out is None:
+        raise ConfigError(f"{args.config!r}: where should the cache go? set 'cache.dir' or 'teacher.cache'")
+    if cc.device not in ("auto", "cpu") and not cc.device.startswith("cuda"):
+        raise ConfigError(f"cache.device = {cc.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
+    try:
+        spec = CacheSpec(k=cc.k, values_dtype=cc.values_dtype, features=tuple(cc.features),
+                         feature_inputs=cc.feature_inputs, outputs=tuple(cc.outputs), num_views=cc.num_views,
+                         shard_size=cc.shard_size,
+                         batch_size=cc.batch_size, seed=cc.seed)
+    except ValueError as err:
+        raise ConfigError(f"cache: {err}") from None
+    if spec.num_views > 1 and not cc.augment:
+        raise ConfigError(f"cache.num_views = {spec.num_views} needs 'cache.augment' (the views' augmentation)")
+    augment = build_augment(cc.augment) if cc.augment else None
+    teacher = load_teacher(cfg.teacher)
+    train_data, _ = load_data(cfg)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_processes > 1 and world == 1:  # launch the builders here, each on its share of the shards
+        start = time.perf_counter()
+        threads = max(1, (os.cpu_count() or 1) // args.num_processes)
+        procs = []
+        for r in range(args.num_processes):
+            env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(args.num_processes),
+                   "OMP_NUM_THREADS": str(threads)}
+            cmd = [sys.executable, "-m", "mentor", "cache", "build", args.config, *args.overrides, "--quiet"]
+            if args.overwrite and r == 0:
+                cmd.append("--overwrite")
+            procs.append(subprocess.Popen(cmd, env=env))
+            if args.overwrite and r == 0:
+                procs[0].wait()  # the first clears the directory before the others start
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            print(f"mentor cache build: a builder failed (exit codes {codes}); rerun to finish the missing shards",
+                  file=sys.stderr)
+            return 1
+        manifest = finalize(out)
+        seconds = time.perf_counter() - start
+    else:
+        device = cc.device if cc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        start = time.perf_counter()
+        manifest = build(teacher, train_data.x, out, spec=spec,
+                         teacher_spec=cfg.teacher.model_dump(exclude={"cache", "tail"}),
+                         dataset_spec=cfg.data.model_dump(), augment=augment, rank=rank, world=world, device=device,
+                         progress=not args.quiet, overwrite=args.overwrite)
+        seconds = time.perf_counter() - start
+    if manifest is None:
+        if not args.quiet:
+            print(f"process {rank} of {world}: its shards are done; the last builder writes the manifest")
+        return 0
+    summary = info(out)
+    if not args.quiet:
+        print(f"cache {out}: {summary['items']} items, {summary['shards']} shards, {summary['bytes']} bytes "
+              f"({summary['bytes_per_item']:.1f} bytes/item), top-{summary['k']} of {summary['num_classes']} "
+              f"classes, {seconds:.1f} s")
+    return 0
+
+
+def _cmd_cache_verify(args: argparse.Namespace) -> int:
+    from mentor.cache import verify
+
+    problems = verify(args.dir)
+    if problems:
+        print(f"cache {args.dir}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    print(f"cache {args.dir}: every shard matches its sha256")
+    return 0
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    from mentor.cache import info
+
+    summary = info(args.dir)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for key in ("path", "items", "shards", "bytes", "bytes_per_item", "logit_bytes_per_position", "k",
+                "num_classes", "positions", "values_dtype", "indices_dtype"):
+        value = summary[key]
+        print(f"{key:26s} {value:.2f}" if isinstance(value, float) else f"{key:26s} {value}")
+    print(f"{'features':26s} {summary['features'] or '-'}")
+    print(f"{'views':26s} {summary['views']}")
+    print(f"{'teacher':26s} {summary['teacher']['fingerprint']}")
+    print(f"{'dataset':26s} {summary['dataset']['fingerprint']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mentor",
@@ -207,6 +315,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student module whose input is the compared feature (default: classifier)")
     p.add_argument("--json", action="store_true", help="print one JSON object (rows and seconds) instead of a table")
     p.set_defaults(fn=_cmd_select)
+
+    p = sub.add_parser("cache", help="teacher outputs computed once: build, verify, info",
+                       description="A teacher cache holds the teacher's top-k log-probabilities (and optionally "
+                                   "features and augmented views) for every training item, so training reads them "
+                                   "instead of running the teacher. Train on it with 'teacher.cache: DIR'.")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    c = cache_sub.add_parser("build", help="run the teacher of CONFIG over its training data once",
+                             description="Run the teacher of CONFIG ('teacher.run' or 'teacher.checkpoint') over "
+                                         "the training data of CONFIG ('data') and write a cache to 'cache.dir' "
+                                         "(default 'teacher.cache'), as the 'cache' section says (k, values_dtype, "
+                                         "features, num_views, augment, shard_size). Shards are written atomically; "
+                                         "an interrupted build resumes when rerun.",
+                             epilog="example: mentor cache build configs/mnist1d_transfer_kd_cached.yaml cache.k=4")
+    c.add_argument("config", help="a YAML run config")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys")
+    c.add_argument("--num-processes", type=int, default=1,
+                   help="builder processes, each writing its own shards (default 1; under 'accelerate launch' the "
+                        "launcher's processes are used instead)")
+    c.add_argument("--overwrite", action="store_true", help="delete a different cache already in the directory")
+    c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(fn=_cmd_cache_build)
+    c = cache_sub.add_parser("verify", help="check every shard's sha256 against the manifest",
+                             description="Check every shard's size and sha256 against manifest.json; exit 1 and "
+                                         "name the damaged shards if any.")
+    c.add_argument("dir", help="a cache directory")
+    c.set_defaults(fn=_cmd_cache_verify)
+    c = cache_sub.add_parser("info", help="print what a cache holds",
+                             description="Print a cache's item count, shards, bytes per item and per position, k, "
+                                         "dtypes, features, views and fingerprints.")
+    c.add_argument("dir", help="a cache directory")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(fn=_cmd_cache_info)
     return parser
 
 

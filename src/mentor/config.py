@@ -25,8 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "ModelConfig", "TeacherConfig", "RecipeConfig",
-           "ExtraRecipeConfig", "build_method", "OptimConfig", "TrainConfig", "load_config", "parse_overrides",
-           "config_from_dict"]
+           "ExtraRecipeConfig", "CacheConfig", "build_method", "OptimConfig", "TrainConfig", "load_config",
+           "parse_overrides", "config_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -43,13 +43,39 @@ class DataConfig(_Strict):
     ``name: mnist1d`` is built in. ``train`` picks the training set: ``labelled`` (the first ``num_labelled`` of the
     4000 standard training items), ``transfer`` (``transfer_size`` generated unlabelled items with ``transfer_seed``)
     or ``both`` (labelled items plus the unlabelled transfer set). Evaluation uses the 1000-item test split.
+
+    ``semi`` is semi-supervised training (FixMatch style, see :mod:`mentor.semi`): a labelled subset of
+    ``num_labelled`` items *stratified by class* (``num_labelled / 10`` per class, drawn with ``split_seed``) and an
+    unlabelled pool drawn separately, ``mu`` pool items per labelled item in every batch (``mu`` defaults to 7).
+    ``unlabelled`` picks the pool: ``rest`` (the other training items, labels removed) or ``transfer``
+    (``transfer_size`` generated items with ``transfer_seed``).
     """
 
     name: Literal["mnist1d"] = "mnist1d"
-    train: Literal["labelled", "transfer", "both"] = "labelled"
+    train: Literal["labelled", "transfer", "both", "semi"] = "labelled"
     num_labelled: int = Field(4000, ge=1, le=4000)
     transfer_size: int = Field(50000, ge=1)
     transfer_seed: int = Field(0, ge=0)
+    unlabelled: Literal["rest", "transfer"] = "rest"
+    mu: int | None = Field(None, ge=1)
+    split_seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _semi(self) -> DataConfig:
+        if self.train != "semi":
+            if self.mu is not None:
+                raise ValueError(f"data.mu = {self.mu} applies to data.train = 'semi' (labelled items plus an "
+                                 f"unlabelled pool), not to data.train = {self.train!r}")
+            return self
+        if self.num_labelled % 10:
+            raise ValueError(f"data.num_labelled = {self.num_labelled}: with data.train = 'semi' the labelled subset "
+                             "is stratified by class, so expected a multiple of the 10 MNIST-1D classes (e.g. 400)")
+        if self.num_labelled > 3940:
+            raise ValueError(f"data.num_labelled = {self.num_labelled} needs {self.num_labelled // 10} items of every "
+                             "class, but the smallest MNIST-1D class has 394 training items: expected at most 3940")
+        if self.mu is None:
+            self.mu = 7
+        return self
 
 
 class ModelConfig(_Strict):
@@ -71,22 +97,76 @@ class ModelConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    """The teacher: a finished run directory (``run``), or a safetensors ``checkpoint`` plus a ``model`` spec."""
+    """The teacher: a finished run directory (``run``), or a safetensors ``checkpoint`` plus a ``model`` spec, and/or
+    a teacher ``cache`` directory (built by ``mentor cache build``).
+
+    With ``cache`` the training reads the teacher's outputs from it (``tail``: how the classes outside its top-k are
+    treated, see :func:`mentor.losses.sparse_kl_div`). If ``run`` or ``checkpoint`` is given as well, the cache
+    must have been built from that teacher (fingerprints compared) and it scores the evaluation.
+
+    Several teachers (multi-teacher distillation, :class:`mentor.teachers.Ensemble`): ``runs`` (a list of run
+    directories, instead of ``run``/``checkpoint``/``cache``) combined by ``combine``: ``mean`` (equal weights),
+    ``weights`` (the list ``weights``, one per run), ``max_prob`` / ``entropy`` (per item, from each teacher's
+    confidence) or ``router`` (per item, from a learned router on the input with ``router_hidden`` hidden units;
+    train it with ``recipe: {name: multi_teacher, args: {router: true}}``). ``space``: average the teachers'
+    probabilities (``probs``) or logits (``logits``).
+    """
 
     run: str | None = None
     checkpoint: str | None = None
     model: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    cache: str | None = None
+    tail: Literal["rest", "renormalize"] = "rest"
+    runs: list[str] | None = None
+    combine: Literal["mean", "weights", "max_prob", "entropy", "router"] = "mean"
+    weights: list[float] | None = None
+    space: Literal["probs", "logits"] = "probs"
+    router_hidden: int = Field(64, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
+        if self.runs is not None:
+            others = [k for k in ("run", "checkpoint", "cache") if getattr(self, k) is not None]
+            if others:
+                raise ValueError(f"'runs' (several teachers) excludes {others}: give either 'runs' or one teacher")
+            if len(self.runs) < 2:
+                raise ValueError(f"'runs' needs at least 2 run directories, got {self.runs}")
+            if (self.weights is not None) != (self.combine == "weights"):
+                raise ValueError(f"'weights' goes with combine: weights (one per run); got combine {self.combine!r} "
+                                 f"and weights {self.weights}")
+            if self.weights is not None and (len(self.weights) != len(self.runs) or min(self.weights) < 0
+                                             or sum(self.weights) <= 0):
+                raise ValueError(f"weights = {self.weights}: expected {len(self.runs)} numbers >= 0 with a positive "
+                                 "sum, one per run")
+            return self
+        if self.combine != "mean" or self.weights is not None:
+            raise ValueError("'combine' and 'weights' apply to several teachers ('runs'), not to one")
         if self.run is not None and self.checkpoint is not None:
             raise ValueError("give either 'run' or 'checkpoint' (with 'model'), not both")
-        if self.run is None and self.checkpoint is None:
-            raise ValueError("expected 'run' (a run directory) or 'checkpoint' plus 'model'")
+        if self.run is None and self.checkpoint is None and self.cache is None:
+            raise ValueError("expected 'run' (a run directory), 'checkpoint' plus 'model', or 'cache'")
         if self.checkpoint is not None and self.model is None:
             raise ValueError("'checkpoint' needs 'model' (the teacher's architecture, e.g. cnn)")
         return self
+
+
+class CacheConfig(_Strict):
+    """What ``mentor cache build CONFIG`` stores (see :mod:`mentor.cache`): the teacher of ``teacher`` is run over
+    the training data of ``data``; the cache goes to ``dir`` (default: ``teacher.cache``)."""
+
+    dir: str | None = None
+    k: int | None = Field(None, ge=1)
+    values_dtype: Literal["float16", "bfloat16"] = "float16"
+    features: list[str] = Field(default_factory=list)
+    feature_inputs: bool = False
+    outputs: list[str] = Field(default_factory=list)
+    num_views: int = Field(1, ge=1)
+    augment: str | None = None
+    shard_size: int = Field(4096, ge=1)
+    batch_size: int = Field(512, ge=1)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
 
 
 class ExtraRecipeConfig(_Strict):
@@ -135,6 +215,7 @@ class TrainConfig(_Strict):
     progress: bool = True
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     out: str = "runs"
+    export: Literal["student", "teacher"] = "student"
 
 
 class RunConfig(_Strict):
@@ -148,6 +229,7 @@ class RunConfig(_Strict):
     recipe: RecipeConfig = Field(default_factory=lambda: RecipeConfig())
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    cache: CacheConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -242,8 +324,39 @@ def _check_recipe(cfg: RunConfig) -> None:
         method = build_method(cfg.recipe)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"recipe: {err}") from None
-    if method.needs_teacher and cfg.teacher is None and method.generations == 1:
+    if any(extra.name == "simkd" for extra in cfg.recipe.plus):
+        raise ConfigError("recipe.plus: 'simkd' replaces the student's classifier, so it can only be the main recipe "
+                          "(recipe.name: simkd, with other recipes in its 'plus')")
+    for extra in cfg.recipe.plus:
+        if extra.name in ("dml", "noisy_student"):
+            raise ConfigError(f"recipe.plus: {extra.name!r} changes how the run is built (the student cohort, the "
+                              "generations of pseudo-labels), so it can only be the main recipe")
+    routed = cfg.teacher is not None and cfg.teacher.runs is not None and cfg.teacher.combine == "router"
+    trains_router = any(t.student == "route.logits" for t in method.terms)
+    if routed and not trains_router:
+        raise ConfigError("teacher.combine = 'router' learns its router from the term on 'route.logits': use recipe "
+                          "multi_teacher with args {router: true}")
+    if trains_router and not routed:
+        raise ConfigError("recipe argument router = true trains the router of a routed ensemble: set teacher.runs "
+                          "with teacher.combine = 'router'")
+    if cfg.recipe.name == "noisy_student" and cfg.teacher is not None and (cfg.teacher.runs or cfg.teacher.cache):
+        raise ConfigError("recipe 'noisy_student' pseudo-labels the training items with one teacher network: set "
+                          "'teacher.run' or 'teacher.checkpoint' (not 'runs' or 'cache'), or no teacher")
+    if cfg.recipe.name == "dml" and cfg.teacher is not None:
+        raise ConfigError("recipe 'dml' trains peers from each other and the labels: remove 'teacher' (or add a "
+                          "teacher's terms to a single student with another recipe)")
+    if (method.needs_teacher and cfg.teacher is None and method.generations == 1 and method.teacher is None
+            and cfg.recipe.name != "noisy_student"):  # noisy_student trains its first teacher itself
         raise ConfigError(f"recipe {cfg.recipe.name!r} needs a teacher: set 'teacher.run' or 'teacher.checkpoint'")
+    if cfg.train.export == "teacher":
+        from torch import nn
+
+        from mentor.teachers import EMA
+
+        built = method.teacher(nn.Linear(1, 1)) if method.teacher is not None else None
+        if not isinstance(built, EMA):
+            raise ConfigError(f"train.export = 'teacher' exports a teacher trained alongside the student (an EMA), "
+                              f"but recipe {cfg.recipe.name!r} has none: expected train.export = 'student'")
     if method.needs_labels and cfg.data.train == "transfer":
         raise ConfigError(
             f"recipe {cfg.recipe.name!r} needs labels, but data.train = 'transfer' has none: "

@@ -9,6 +9,13 @@ configuration. They share one contract:
   ``[...]``) keeps items where it is ``True``. ``N`` is ``num_items`` when given, else the number of kept items.
   Passing the item count of a whole accumulated batch as ``num_items`` makes gradient accumulation over
   micro-batches of any size give exactly the gradient of one large batch.
+* **Per-item weights.** A floating-point ``mask`` weighs items instead: the loss is
+  ``sum over items of w_i * loss_i / N`` (SoftMatch's soft weights, a confidence threshold as 0/1 weights). Items of
+  weight 0 are dropped exactly (a non-finite loss there does not turn the sum into NaN), and the default ``N`` is
+  ``sum_i w_i`` (a weighted mean), so a float mask of 0s and 1s gives exactly what the boolean mask gives. The
+  weights are used as they are (no gradient is expected through them; pass detached weights). Every loss with a
+  ``mask`` argument accepts both kinds, except :func:`freematch_fairness`, a batch-level loss that reads any mask
+  as "kept where non-zero".
 * **Precision.** Softmax and log-softmax run in float32 when the inputs are float16 or bfloat16 (float64 inputs
   stay float64, which the tests use).
 * **Temperature.** Logit-distribution losses divide logits by ``temperature`` and multiply the result by
@@ -33,10 +40,13 @@ __all__ = [
     "generalized_jsd",
     "skew_kl",
     "tvd",
+    "softmax_mse",
     "soft_cross_entropy",
     "cross_entropy",
+    "codebook_cross_entropy",
     "dkd",
     "dist",
+    "ofa_loss",
     "rkd_distance",
     "rkd_angle",
     "attention_transfer",
@@ -46,6 +56,10 @@ __all__ = [
     "hint_mse",
     "cosine_embedding",
     "smooth_l1",
+    "sparse_kl_div",
+    "sparse_soft_cross_entropy",
+    "freematch_fairness",
+    "uld_distance",
 ]
 
 NumItems = int | float | Tensor | None
@@ -92,21 +106,33 @@ def reduce_items(per_item: Tensor, mask: Tensor | None = None, num_items: NumIte
 
     Args:
         per_item: Loss of each item, shape ``[...]``.
-        mask: Optional boolean tensor of the same shape; ``False`` drops the item.
-        num_items: Explicit normaliser ``N``. Defaults to the number of kept items. When nothing is kept and no
-            normaliser is given the result is a zero that still carries the graph.
+        mask: Optional tensor of the same shape: boolean (``False`` drops the item) or floating-point per-item
+            weights ``w`` (the sum becomes ``sum w_i * loss_i``; weight 0 drops the item exactly).
+        num_items: Explicit normaliser ``N``. Defaults to the number of kept items (boolean mask) or the sum of the
+            weights (float mask). When nothing is kept and no normaliser is given the result is a zero that still
+            carries the graph.
 
     Returns:
         A scalar tensor.
     """
+    weights: Tensor | None = None
     if mask is not None:
         if mask.shape != per_item.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match item shape {tuple(per_item.shape)}")
-        mask = mask.to(torch.bool)
-        # where() rather than multiply: a masked item with a non-finite loss must not turn the sum into NaN.
-        per_item = torch.where(mask, per_item, torch.zeros((), dtype=per_item.dtype, device=per_item.device))
+        zero = torch.zeros((), dtype=per_item.dtype, device=per_item.device)
+        if mask.is_floating_point():
+            weights = mask.to(per_item.dtype)
+            # where() rather than a bare multiply: an item of weight 0 with a non-finite loss must not give NaN.
+            per_item = torch.where(weights != 0, per_item * weights, zero)
+        else:
+            mask = mask.to(torch.bool)
+            # where() rather than multiply: a masked item with a non-finite loss must not turn the sum into NaN.
+            per_item = torch.where(mask, per_item, zero)
     total = per_item.sum()
     if num_items is None:
+        if weights is not None:
+            weight_sum = weights.sum()
+            return total / torch.where(weight_sum != 0, weight_sum, torch.ones_like(weight_sum))
         count = mask.sum() if mask is not None else torch.tensor(per_item.numel(), device=per_item.device)
         return total / count.clamp(min=1).to(total.dtype)
     if isinstance(num_items, Tensor):
@@ -171,7 +197,7 @@ def kl_div(
         teacher_temperature: Teacher temperature ``T_t``; defaults to ``temperature``. Distinct temperatures are
             Low Temperature Distillation (LTD, Chen et al. 2021, https://arxiv.org/abs/2111.02331).
         reverse: Use the reverse (mode-seeking) KL ``KL(p_s || p_t)``.
-        mask: Optional boolean ``[...]``.
+        mask: Optional boolean ``[...]`` (keep) or float ``[...]`` (per-item weights; module docstring).
         num_items: Explicit normaliser (see module docstring).
 
     Returns:
@@ -217,7 +243,7 @@ def generalized_jsd(
         teacher_logits: ``[..., C]``.
         beta: Interpolation in ``[0, 1]``.
         temperature: Softmax temperature (> 0).
-        mask: Optional boolean ``[...]``.
+        mask: Optional boolean ``[...]`` (keep) or float ``[...]`` (per-item weights; module docstring).
         num_items: Explicit normaliser.
 
     Returns:
@@ -264,7 +290,7 @@ def skew_kl(
         alpha: Skew in ``[0, 1)``.
         reverse: Skewed reverse KL.
         temperature: Softmax temperature (> 0).
-        mask: Optional boolean ``[...]``.
+        mask: Optional boolean ``[...]`` (keep) or float ``[...]`` (per-item weights; module docstring).
         num_items: Explicit normaliser.
 
     Returns:
@@ -305,7 +331,7 @@ def tvd(
         student_logits: ``[..., C]``.
         teacher_logits: ``[..., C]``.
         temperature: Softmax temperature (> 0).
-        mask: Optional boolean ``[...]``.
+        mask: Optional boolean ``[...]`` (keep) or float ``[...]`` (per-item weights; module docstring).
         num_items: Explicit normaliser.
 
     Returns:
@@ -316,6 +342,36 @@ def tvd(
     p_s = F.softmax(_as_float(student_logits) / temperature, dim=-1)
     p_t = F.softmax(_as_float(teacher_logits) / temperature, dim=-1)
     return _total((p_t - p_s).abs(), mask, num_items, 0.5 * temperature**2)
+
+
+def softmax_mse(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """Mean Teacher's consistency cost: the squared distance of the two softmax outputs, averaged over classes,
+    ``(1 / C) * sum_c (p_s,c - p_t,c)^2`` per item, scaled by ``T^2`` (Tarvainen & Valpola 2017,
+    https://arxiv.org/abs/1703.01780; their ``softmax_mse_loss``, and USB's ``consistency_loss(..., "mse")``).
+    Gradients flow into the student only where the teacher logits are detached (as every mentor teacher's are).
+
+    Args:
+        student_logits: ``[..., C]``.
+        teacher_logits: ``[..., C]``, same shape.
+        temperature: Softmax temperature (> 0).
+        mask: Optional boolean ``[...]`` (keep) or float ``[...]`` (per-item weights; module docstring).
+        num_items: Explicit normaliser.
+
+    Returns:
+        A scalar tensor.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature("temperature", temperature)
+    p_s = F.softmax(_as_float(student_logits) / temperature, dim=-1)
+    p_t = F.softmax(_as_float(teacher_logits) / temperature, dim=-1).to(p_s.dtype)
+    return _total((p_s - p_t).square(), mask, num_items, temperature**2 / p_s.shape[-1])
 
 
 def soft_cross_entropy(
@@ -332,7 +388,7 @@ def soft_cross_entropy(
         student_logits: ``[..., C]``.
         target_probs: ``[..., C]``, rows on the simplex (for example a teacher's ``softmax``).
         temperature: Student softmax temperature (> 0).
-        mask: Optional boolean ``[...]``.
+        mask: Optional boolean ``[...]`` (keep) or float ``[...]`` (per-item weights; module docstring).
         num_items: Explicit normaliser.
 
     Returns:
@@ -366,7 +422,7 @@ def cross_entropy(
         target: Integer labels ``[...]``.
         label_smoothing: ``e`` in ``[0, 1]``.
         ignore_index: Label value that marks an item without a label.
-        mask: Optional boolean ``[...]``.
+        mask: Optional boolean ``[...]`` (keep) or float ``[...]`` (per-item weights; module docstring).
         num_items: Explicit normaliser; defaults to the number of kept, labelled items.
 
     Returns:
@@ -384,6 +440,15 @@ def cross_entropy(
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match item shape {tuple(target.shape)}")
     logits = _as_float(student_logits)
     num_classes = logits.shape[-1]
+    if mask is not None and mask.is_floating_point():  # per-item weights: per-item losses, then the weighted sum
+        labelled = (target >= 0) if ignore_index < 0 else (target >= 0) & (target != ignore_index)
+        safe_w = torch.where(labelled, target, -100).reshape(-1)
+        if safe_w.numel() and int(safe_w.max()) >= num_classes:
+            raise ValueError(f"label {int(safe_w.max())} out of range for {num_classes} classes "
+                             f"(expected 0..{num_classes - 1})")
+        per_item = F.cross_entropy(logits.reshape(-1, num_classes), safe_w, ignore_index=-100, reduction="none",
+                                   label_smoothing=label_smoothing).reshape(target.shape)
+        return reduce_items(per_item, torch.where(labelled, mask.to(per_item.dtype), 0.0), num_items)
     # One fused kernel over the kept items; with smoothing e it sums (1 - e) * nll - e * mean_c log p. Items not
     # kept get a label the kernel skips: -1 when every negative label is to be dropped (a single clamp maps them
     # all to -1), else ignore_index. An out-of-range label makes the kernel raise.
@@ -411,6 +476,58 @@ def cross_entropy(
     if isinstance(num_items, Tensor):
         return total / num_items.to(total.dtype)
     return total / _positive(num_items)
+
+
+def codebook_cross_entropy(
+    student_logits: Tensor,
+    codes: Tensor,
+    *,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """Multi-codebook index prediction (MVQ-KD, Guo et al. 2022, https://arxiv.org/abs/2211.00508).
+
+    An item's target is ``M`` codebook indices (``mentor.mvq`` codes of a teacher feature); its loss is the **sum**
+    over codebooks of the cross-entropy of the student's ``K`` logits for that codebook:
+    ``sum over kept items of sum_m -log softmax(z[m])[codes[m]] / N``, ``N`` the number of items (not of
+    item-codebook pairs; weight the term by ``1 / M`` for a mean over codebooks).
+
+    Args:
+        student_logits: ``[..., M, K]``, or flat ``[..., M * K]`` (codebook-major, as a linear projector gives).
+        codes: Integer indices ``[..., M]`` in ``0..K-1`` (uint8 codes are fine).
+        mask: Optional boolean ``[...]`` over items.
+        num_items: Explicit normaliser (see module docstring); defaults to the number of kept items.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    if codes.is_floating_point() or codes.dtype == torch.bool:
+        raise TypeError(f"codes must hold integer codebook indices, got dtype {codes.dtype}")
+    if codes.dim() < 1:
+        raise ValueError("codes must have shape [..., M], got a scalar")
+    m = codes.shape[-1]
+    if student_logits.dim() == codes.dim() and student_logits.shape[:-1] == codes.shape[:-1] and m > 0 \
+            and student_logits.shape[-1] % m == 0:
+        student_logits = student_logits.reshape(*codes.shape, student_logits.shape[-1] // m)
+    if student_logits.dim() != codes.dim() + 1 or student_logits.shape[:-1] != codes.shape:
+        raise ValueError(
+            f"student_logits shape {tuple(student_logits.shape)} does not fit codes shape {tuple(codes.shape)}: "
+            f"expected [..., M, K] or [..., M * K] with [..., M] = {tuple(codes.shape)}"
+        )
+    if mask is not None and mask.shape != codes.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match item shape {tuple(codes.shape[:-1])}")
+    logits = _as_float(student_logits)
+    k = logits.shape[-1]
+    target = codes.to(torch.int64)
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= k):
+        raise ValueError(f"codes must lie in 0..{k - 1} for {k} logits per codebook, got values in "
+                         f"{int(target.min())}..{int(target.max())}")
+    if mask is None and not isinstance(num_items, Tensor):
+        total = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1), reduction="sum")
+        n = float(max(codes.numel() // max(m, 1), 1)) if num_items is None else _positive(num_items)
+        return total / n
+    per_pair = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1), reduction="none")
+    return reduce_items(per_pair.reshape(codes.shape).sum(dim=-1), mask, num_items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,6 +732,76 @@ def dist(
     inter = 1.0 - _pearson(p_s, p_t, dim=1).mean()
     intra = 1.0 - _pearson(p_s, p_t, dim=0).mean()
     return (beta * inter + gamma * intra) * temperature**2
+
+
+def ofa_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    eps: float = 1.0,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """One-for-All KD loss with adaptive target enhancement (Hao et al. 2023, https://arxiv.org/abs/2310.19444).
+
+    With ``p_s = softmax(z_s / T)``, ``p_t = softmax(z_t / T)`` and ``y`` the label, per item
+    ``-[(1 + p_t[y])^eps - 1] * log p_s[y] - sum_{c != y} p_t[c]^eps * log p_s[c]``, i.e. the cross-entropy
+    against the teacher's distribution in which every class weight is raised to ``eps`` after the one-hot label
+    has been added (the authors' code: ``(p_t + onehot)^eps - onehot``). ``eps = 1`` is the plain cross-entropy
+    with the teacher's soft targets (KD up to the teacher's entropy, with the same gradient); ``eps > 1`` raises
+    the target class's weight relative to the others (for a teacher that is unsure of the target class) and damps
+    the non-target classes. The weights are not renormalised. The result is scaled by ``T^2`` like the other
+    logit-distribution losses here (the paper uses ``T = 1``, where the two agree).
+
+    Args:
+        student_logits: ``[..., C]``.
+        teacher_logits: ``[..., C]``, same shape.
+        target: Integer labels ``[...]``; items with a negative label (unlabelled) are dropped, as in
+            :func:`cross_entropy`.
+        eps: Enhancement exponent ``eps`` (> 0); the paper uses 1 to 1.5.
+        temperature: Softmax temperature ``T`` (> 0); the result is scaled by ``T^2``.
+        mask: Optional boolean ``[...]``.
+        num_items: Explicit normaliser; defaults to the number of kept, labelled items.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature("temperature", temperature)
+    _check_temperature("eps", eps)
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(f"ofa_loss needs logits [..., C], got shape {tuple(student_logits.shape)}")
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+        got = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise TypeError(f"target must hold integer class indices, got {got}")
+    if target.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(student_logits.shape)} "
+            "without its class dimension"
+        )
+    if mask is not None and mask.shape != target.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match item shape {tuple(target.shape)}")
+    num_classes = student_logits.shape[-1]
+    keep = target >= 0 if mask is None else (target >= 0) & (mask != 0 if mask.is_floating_point() else mask.bool())
+    safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
+    try:
+        onehot = F.one_hot(safe, num_classes)
+    except RuntimeError as err:
+        bad = int(safe.max())
+        raise ValueError(
+            f"label {bad} out of range for {num_classes} classes (expected 0..{num_classes - 1}): {err}"
+        ) from None
+    log_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
+    p_t = F.softmax(_as_float(teacher_logits) / temperature, dim=-1).to(log_s.dtype)
+    hot = onehot.to(log_s.dtype)
+    weights = p_t if eps == 1.0 else (p_t + hot) ** eps - hot  # eps = 1: exactly the teacher's distribution
+    # 0 * log 0 = 0: a class without weight may be masked (-inf) in the student without making a nan
+    terms = weights * torch.where(weights != 0, log_s, torch.zeros((), dtype=log_s.dtype, device=log_s.device))
+    if mask is not None and mask.is_floating_point():  # per-item weights on the labelled items
+        return _total(terms, torch.where(keep, mask.to(terms.dtype), 0.0), num_items, -(temperature**2))
+    return _total(terms, keep, num_items, -(temperature**2))
 
 
 def _rkd_distances(e: Tensor) -> Tensor:
@@ -925,3 +1112,246 @@ def smooth_l1(
     dtype = torch.promote_types(s.dtype, t.dtype)
     terms = F.smooth_l1_loss(s.to(dtype), t.to(dtype), reduction="none", beta=float(beta))
     return _total(terms, mask, num_items)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sparse (top-k) teacher targets, as stored by mentor.cache
+# ---------------------------------------------------------------------------------------------------------------
+
+_TAILS = ("rest", "renormalize")
+
+
+def _sparse_parts(
+    student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor, tail: str, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Per item ``sum_b p_b log p_b`` and ``sum_b p_b log q_b`` over the buckets a top-k teacher defines.
+
+    The buckets are the teacher's top-k classes (``tail="renormalize"``), plus one "rest" bucket holding every other
+    class (``tail="rest"``). Both results have shape ``[...]``; only the second carries gradient.
+    """
+    if tail not in _TAILS:
+        raise ValueError(f"tail must be 'rest' or 'renormalize', got {tail!r}")
+    _check_temperature("temperature", temperature)
+    if teacher_values.shape != teacher_indices.shape:
+        raise ValueError(
+            f"teacher_values {tuple(teacher_values.shape)} and teacher_indices {tuple(teacher_indices.shape)} "
+            "must have the same shape [..., k]"
+        )
+    if teacher_indices.dtype.is_floating_point or teacher_indices.dtype == torch.bool:
+        raise ValueError(f"teacher_indices must be an integer tensor, got {teacher_indices.dtype}")
+    if student_logits.dim() < 1 or student_logits.shape[:-1] != teacher_values.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher top-k {tuple(teacher_values.shape)} must "
+            "share their leading (item) dimensions: [..., C] and [..., k]"
+        )
+    num_classes, k = student_logits.shape[-1], teacher_values.shape[-1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"top-k size k = {k} must be in [1, {num_classes}] (the student's class count)")
+    z = _as_float(student_logits) / temperature
+    lowest = torch.finfo(z.dtype).min
+    index = teacher_indices.long()
+    values = _as_float(teacher_values).to(z.dtype)
+    with torch.no_grad():  # the teacher's side: constants
+        if tail == "renormalize" or k == num_classes:  # with k = C there is no tail (stored rounding aside)
+            log_p = F.log_softmax(values / temperature, dim=-1)
+        else:
+            # The values are log-probabilities of the full distribution, so the tail holds 1 - sum(exp(values));
+            # rounding in a stored fp16/bf16 value can push the sum a hair over 1, which reads as an empty tail.
+            rest = (1.0 - values.exp().sum(dim=-1, keepdim=True)).clamp(min=0.0)
+            log_p = F.log_softmax(torch.cat([values, rest.log()], dim=-1) / temperature, dim=-1)
+        p = log_p.exp()
+        neg_entropy = (p * torch.where(p > 0, log_p, torch.zeros((), dtype=p.dtype, device=p.device))).sum(-1)
+    # sum_b p_b log q_b. Log-probabilities are floored at the lowest finite value (as in kl_div): a class the student
+    # masks (-inf) where the teacher has mass gives a huge finite loss instead of inf.
+    log_s = F.log_softmax(z, dim=-1)
+    cross = (p[..., :k] * log_s.gather(-1, index).clamp(min=lowest)).sum(-1)
+    if p.shape[-1] > k:
+        # The student's tail, log of its mass outside the teacher's top-k: with the top-k set to the lowest finite
+        # value (not -inf, so everything stays finite), log_softmax of the masked logits at any tail class j is
+        # z_j - lse(tail), while log_s_j = z_j - lse(all); their difference is log q_rest. j = the tail's largest
+        # logit keeps both terms well away from underflow. (Two fused log_softmax calls cost less than logsumexp.)
+        masked = z.scatter(-1, index, lowest)
+        j = masked.detach().argmax(dim=-1, keepdim=True)
+        log_q_rest = log_s.gather(-1, j) - F.log_softmax(masked, dim=-1).gather(-1, j)
+        cross = cross + p[..., k] * log_q_rest.squeeze(-1).clamp(min=lowest)
+    return neg_entropy, cross
+
+
+def sparse_kl_div(
+    student_logits: Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    *,
+    tail: str = "rest",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """KL divergence from a top-k teacher to the student's full distribution, ``T^2 * sum_items KL / N``.
+
+    The teacher is given by its ``k`` largest log-probabilities (``teacher_values``, normalised over *all*
+    classes, so ``1 - sum(exp(values))`` is the mass of the dropped classes) at ``teacher_indices``. Two
+    treatments of the dropped classes:
+
+    * ``tail="renormalize"``: the teacher's top-k probabilities renormalised to sum 1 (the dropped classes get 0).
+      This equals :func:`kl_div` with the teacher's logits set to ``-inf`` outside its top-k.
+    * ``tail="rest"``: ``k + 1`` buckets, the top-k classes and one "rest" bucket holding the dropped mass; the
+      student's rest bucket is the sum of its probabilities outside the teacher's top-k. At ``T = 1`` this is
+      exactly the KL between the two distributions coarsened to these buckets. At ``T != 1`` the rest bucket is
+      tempered as a single class (``m^(1/T)`` before renormalising), which is exact only at ``T = 1``.
+
+    With ``k = C`` both treatments equal :func:`kl_div` on the full teacher distribution. Sparse top-k targets as in
+    "Sparse Logit Sampling" (Anshumann et al. 2025, https://arxiv.org/abs/2503.16870) discuss the bias of plain
+    top-k truncation that the rest bucket avoids.
+
+    Args:
+        student_logits: ``[..., C]``.
+        teacher_values: ``[..., k]`` teacher log-probabilities (full-distribution normalised).
+        teacher_indices: ``[..., k]`` class indices of those values (any integer dtype).
+        tail: ``"rest"`` or ``"renormalize"``.
+        temperature: Softmax temperature (> 0) for both sides; the result is scaled by ``T^2``.
+        mask: Optional boolean ``[...]``.
+        num_items: Explicit normaliser (see module docstring).
+
+    Returns:
+        A scalar tensor.
+    """
+    neg_entropy, cross = _sparse_parts(student_logits, teacher_values, teacher_indices, tail, temperature)
+    return _total((neg_entropy - cross).unsqueeze(-1), mask, num_items, temperature**2)
+
+
+def sparse_soft_cross_entropy(
+    student_logits: Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    *,
+    tail: str = "rest",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """Cross-entropy ``-T^2 * sum_items sum_b p_b log q_b / N`` over the buckets of a top-k teacher.
+
+    The buckets and the two tail treatments are those of :func:`sparse_kl_div`; this differs from it by the
+    teacher's (constant) entropy over the buckets.
+
+    Args:
+        student_logits: ``[..., C]``.
+        teacher_values: ``[..., k]`` teacher log-probabilities (full-distribution normalised).
+        teacher_indices: ``[..., k]`` class indices of those values.
+        tail: ``"rest"`` or ``"renormalize"``.
+        temperature: Softmax temperature (> 0); the result is scaled by ``T^2``.
+        mask: Optional boolean ``[...]``.
+        num_items: Explicit normaliser.
+
+    Returns:
+        A scalar tensor.
+    """
+    _, cross = _sparse_parts(student_logits, teacher_values, teacher_indices, tail, temperature)
+    return _total(cross.unsqueeze(-1), mask, num_items, -(temperature**2))
+
+
+def freematch_fairness(
+    student_logits: Tensor,
+    class_probs: Tensor,
+    label_hist: Tensor,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """FreeMatch's self-adaptive fairness term (Wang et al. 2023, https://arxiv.org/abs/2205.07246, eq. 11).
+
+    Over the kept items (``mask``: the confident ones) of the student's strong-view predictions ``p_b =
+    softmax(z_b)``, with their mean ``p_bar`` and arg-max histogram ``h_bar`` (shares summing to 1), and the
+    running class probabilities ``p~`` and histogram ``h~`` of :class:`mentor.targets.FreeMatch`::
+
+        L_f = -H(SumNorm(p~ / h~), SumNorm(p_bar / h_bar)) = sum_c a_c log(b_c + 1e-12)
+
+    with ``H(a, b) = -sum_c a_c log b_c``, ``SumNorm(v) = v / sum(v)`` and ``1 / 0`` read as 0 (a class with an
+    empty histogram contributes nothing). It is negative; minimising it raises the cross-entropy of the batch's
+    modulated mean prediction against the running one, i.e. spreads the average prediction over the classes (the
+    paper's sign). Gradients flow through ``p_bar`` only; ``h_bar``, ``p~`` and ``h~`` are constants. A
+    batch-level loss (``Term(reduction="batch")``); with no kept item it is a zero that keeps the graph.
+
+    Args:
+        student_logits: ``[B, C]``.
+        class_probs: ``p~`` ``[C]``.
+        label_hist: ``h~`` ``[C]``.
+        mask: Optional boolean ``[B]``.
+
+    Returns:
+        A scalar tensor.
+    """
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must have shape [B, C], got {tuple(student_logits.shape)}")
+    num_classes = student_logits.shape[1]
+    for name, v in (("class_probs", class_probs), ("label_hist", label_hist)):
+        if tuple(v.shape) != (num_classes,):
+            raise ValueError(f"{name} must have shape [{num_classes}], got {tuple(v.shape)}")
+    logits = _as_float(student_logits)
+    if mask is not None:
+        if tuple(mask.shape) != (logits.shape[0],):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match item shape ({logits.shape[0]},)")
+        logits = logits[mask.to(torch.bool)]
+    if logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    probs = torch.softmax(logits, dim=-1)
+    hist = torch.bincount(probs.detach().argmax(dim=-1), minlength=num_classes).to(probs.dtype)
+    hist = hist / hist.sum()
+
+    def inverse(v: Tensor) -> Tensor:
+        return torch.where(v > 0, 1.0 / v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    running = class_probs.detach().to(probs) * inverse(label_hist.detach().to(probs))
+    running = running / running.sum()
+    batch = probs.mean(dim=0) * inverse(hist)
+    batch = batch / batch.sum()
+    return (running * torch.log(batch + 1e-12)).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Different vocabularies
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def uld_distance(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    num_items: NumItems = None,
+) -> Tensor:
+    """Universal Logit Distillation's sorted-probability distance (Boizard et al. 2024,
+    https://arxiv.org/abs/2402.12030), for a student and a teacher with **different vocabularies**.
+
+    Per item, both distributions ``p_s = softmax(student / T)`` over ``Vs`` classes and ``p_t = softmax(teacher /
+    T)`` over ``Vt`` classes are sorted in decreasing order, the shorter one is padded with zeros to
+    ``V = max(Vs, Vt)``, and the distance is ``sum_r |p_s,(r) - p_t,(r)|`` (the closed form of the Wasserstein-1
+    distance that ULD derives for a uniform transport cost; it ignores which token is which, so no vocabulary
+    mapping is needed). The loss is ``T^2 * sum over items / N`` like every logit-distribution loss here. Items are
+    token positions the caller has already paired (ULD truncates both answers to the shorter length).
+
+    Args:
+        student_logits: ``[..., Vs]``.
+        teacher_logits: ``[..., Vt]``; the leading (item) dimensions must match the student's.
+        temperature: Softmax temperature (> 0); the result is scaled by ``T^2``.
+        mask: Optional boolean or float (per-item weights) ``[...]``.
+        num_items: Explicit normaliser.
+
+    Returns:
+        A scalar tensor (float32 for half precision inputs).
+    """
+    _check_temperature("temperature", temperature)
+    if student_logits.dim() < 1 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits must share "
+            "their leading (item) dimensions: [..., Vs] and [..., Vt]"
+        )
+    p_s = F.softmax(_as_float(student_logits) / temperature, dim=-1)
+    p_t = F.softmax(_as_float(teacher_logits) / temperature, dim=-1)
+    dtype = torch.promote_types(p_s.dtype, p_t.dtype)
+    p_s, p_t = p_s.to(dtype), p_t.to(dtype)
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    sorted_s = F.pad(p_s.sort(dim=-1, descending=True).values, (0, width - p_s.shape[-1]))
+    sorted_t = F.pad(p_t.sort(dim=-1, descending=True).values, (0, width - p_t.shape[-1]))
+    return _total((sorted_s - sorted_t).abs(), mask, num_items, temperature**2)

@@ -1,10 +1,17 @@
 """A :class:`Method` is data: which teacher it needs, which terms it sums, with which weights.
 
 A :class:`Term` names the student output it trains (``student``, a key of the student's output dict, usually
-``"logits"``), the target it compares against (``target``: ``"teacher.<key>"`` for a teacher output or ``"label"``
-for the dataset label), an optional target transform (see :mod:`mentor.targets`), the loss function from
+``"logits"``), the target it compares against (``target``: ``"teacher.<key>"`` for a teacher output, ``"label"``
+for the dataset label, or ``"detached.<key>"`` for a student output with its gradient stopped), an optional
+target transform (see :mod:`mentor.targets`), the loss function from
 :mod:`mentor.losses` with its keyword arguments, which items it counts (``"all"``, or ``"labelled"`` for a term that
 needs labels) and its weight schedule. The step's loss is ``sum_i w_i(step) * term_i``.
+
+**Semi-supervised parts.** A :class:`Method` can also say how its teacher is built from the student
+(``teacher``: an EMA of it, or the student itself), which views the teacher and the student see of each batch
+(``views``, see :mod:`mentor.views`), and a term can weigh its items by the teacher's confidence
+(:class:`Weigh`, with a weighting object of :mod:`mentor.targets`). A term with ``items="unlabelled"`` covers the
+unlabelled items only (FixMatch's unsupervised loss).
 """
 
 from __future__ import annotations
@@ -14,14 +21,50 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from mentor.data import UNLABELLED
 from mentor.schedules import Product, Schedule, as_schedule
 
-__all__ = ["Feature", "Term", "Method", "compute_terms"]
+__all__ = ["Feature", "Term", "Method", "Weigh", "compute_terms"]
 
-Items = Literal["all", "labelled"]
+Items = Literal["all", "labelled", "unlabelled"]
+ITEMS = ("all", "labelled", "unlabelled")
+
+
+@dataclass(frozen=True)
+class Weigh:
+    """Per-item weights of a term from the teacher's confidence (FixMatch and its successors).
+
+    For each micro-batch the loop takes ``probs = softmax(source)`` (float32, ``[B, C]``) of the items the term
+    covers; once per optimiser step, before any weight of that step is computed (as the papers do), it calls
+    ``weighting.update(probs, index)`` with the probabilities of every micro-batch and process of the step
+    (gathered in global-batch order) and ``index`` the items' positions among the covered items of the training
+    data (``0..N-1``; for ``items="unlabelled"`` in a semi-supervised run, the position in the unlabelled pool).
+    The term's ``mask`` is then ``weighting(probs)``: float weights, 0 on the items it does not cover. The
+    weighting's state is checkpointed (``weighting.safetensors``) so a resumed run continues it exactly.
+
+    Attributes:
+        make: ``make(num_classes, num_items) -> weighting``, a fresh object of :mod:`mentor.targets`
+            (:class:`~mentor.targets.FixedThreshold`, :class:`~mentor.targets.FlexMatch`, ...) for each run, so
+            that a method reused for several runs shares no state between them.
+        source: The teacher output the probabilities come from.
+        align: Optional ``align(num_classes) -> transform`` with ``update`` (:class:`~mentor.targets.
+            UniformAlignment`): the probabilities are updated into and mapped through it before the weighting,
+            and the term's target, where it is ``source``, becomes the aligned distribution (as log-probabilities,
+            so :class:`~mentor.targets.HardLabel` gives the aligned arg-max), as SoftMatch does.
+    """
+
+    make: Callable[[int, int], Any]
+    source: str = "teacher.logits"
+    align: Callable[[int], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.make):
+            raise TypeError(f"Weigh.make must be a function (num_classes, num_items) -> weighting, got {self.make!r}")
+        if not self.source.startswith("teacher.") or self.source == "teacher.":
+            raise ValueError(f"Weigh.source must be 'teacher.<key>', got {self.source!r}")
 Reduction = Literal["items", "batch"]
 
 
@@ -34,21 +77,30 @@ class Term:
         loss: A function from :mod:`mentor.losses`, called as ``loss(student, target, mask=..., num_items=...,
             **kwargs)``.
         student: Key of the student's output dict.
-        target: ``"teacher.<key>"`` or ``"label"``.
+        target: ``"teacher.<key>"``, ``"label"``, or ``"detached.<key>"``: a student output of the same forward
+            with its gradient stopped (online distillation: Deep Mutual Learning's peers learn from each other's
+            detached predictions without a second forward, see :mod:`mentor.recipes.dml`).
         transform: Optional target transform applied to the target first.
         kwargs: Keyword arguments of the loss (temperature, ...).
-        items: ``"all"`` or ``"labelled"``: which items of a batch the term covers; it is normalised by the number of
-            such items in the whole (accumulated, all-process) batch. A ``"labelled"`` term with ``target="label"``
-            relies on its loss dropping negative labels (as ``losses.cross_entropy`` does).
+        items: ``"all"``, ``"labelled"`` or ``"unlabelled"``: which items of a batch the term covers; it is
+            normalised by the number of such items in the whole (accumulated, all-process) batch. A ``"labelled"``
+            term with ``target="label"`` relies on its loss dropping negative labels (as ``losses.cross_entropy``
+            does).
         weight: Weight schedule (a number is a constant).
         extra: More keyword arguments of the loss taken from the outputs: ``{argument: source}`` with source
-            ``"label"``, ``"teacher.<key>"`` or a student output key (``dkd`` takes ``{"target": "label"}``).
+            ``"label"``, ``"teacher.<key>"``, ``"detached.<key>"`` or a student output key (``dkd`` takes
+            ``{"target": "label"}``), or ``"weighting.<key>"``: the term's weighting's per-item ``weights`` or
+            ``mask`` (weight > 0) of the micro-batch, or a tensor of its ``state_dict()`` (FreeMatch's fairness term
+            reads ``"weighting.class_probs"``); the target may name such a source too.
         reduction: ``"items"`` (the default): the loss takes ``mask`` and ``num_items`` and is normalised over the
             whole accumulated batch. ``"batch"``: a loss over a batch as a whole (relational losses, DIST, DKD) that
             takes neither; it is computed on each micro-batch (on the covered items only) and weighted by the
             micro-batch's share of the covered items, so the accumulated value is the item-weighted mean over
             micro-batches. For relational losses this is not the value on one large batch: relations between
             items of different micro-batches (or processes) are not seen.
+        weighting: Per-item weights from the teacher's confidence (:class:`Weigh`), or the name of another term
+            whose weighting (the same object, updated once per step) this term reads: its ``mask`` is the weights
+            (``"items"`` reduction) and its ``"weighting.<key>"`` sources come from it.
     """
 
     name: str
@@ -61,17 +113,27 @@ class Term:
     weight: Schedule | float = 1.0
     extra: Mapping[str, str] = field(default_factory=dict)
     reduction: Reduction = "items"
+    weighting: Weigh | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", as_schedule(self.weight))
-        if self.items not in ("all", "labelled"):
-            raise ValueError(f"term {self.name!r}: items must be 'all' or 'labelled', got {self.items!r}")
+        if self.items not in ITEMS:
+            raise ValueError(f"term {self.name!r}: items must be 'all', 'labelled' or 'unlabelled', got {self.items!r}")
+        if self.weighting is not None and not isinstance(self.weighting, (Weigh, str)):
+            raise TypeError(f"term {self.name!r}: weighting must be a Weigh or the name of another term with one, "
+                            f"got {self.weighting!r}")
         if self.reduction not in ("items", "batch"):
             raise ValueError(f"term {self.name!r}: reduction must be 'items' or 'batch', got {self.reduction!r}")
         if any(not source for source in self.extra.values()):
             raise ValueError(f"term {self.name!r}: extra maps an argument to an empty output key: {dict(self.extra)}")
-        if self.target != "label" and not self.target.startswith("teacher."):
-            raise ValueError(f"term {self.name!r}: target must be 'label' or 'teacher.<key>', got {self.target!r}")
+        if self.target != "label" and not self.target.startswith(("teacher.", "detached.", "weighting.")):
+            raise ValueError(f"term {self.name!r}: target must be 'label', 'teacher.<key>' or 'detached.<key>', "
+                             f"got {self.target!r}")
+        if any(s.startswith("weighting.") for s in (self.target, *self.extra.values())) and self.weighting is None:
+            raise ValueError(f"term {self.name!r} reads a 'weighting.' source but has no weighting")
+        if any(s in ("teacher.", "detached.") for s in (self.target, *self.extra.values())):
+            raise ValueError(f"term {self.name!r}: a 'teacher.' or 'detached.' source needs an output key after "
+                             f"the dot, got target {self.target!r} and extra {dict(self.extra)}")
 
     def weight_at(self, step: int) -> float:
         """The term's weight at ``step``."""
@@ -86,6 +148,11 @@ class Term:
     def uses_labels(self) -> bool:
         return self.items == "labelled" or "label" in (self.target, *self.extra.values())
 
+    @property
+    def weigh(self) -> Weigh | None:
+        """The term's own :class:`Weigh` (``None`` without one, or when it reads another term's)."""
+        return self.weighting if isinstance(self.weighting, Weigh) else None
+
 
 @dataclass(frozen=True)
 class Feature:
@@ -97,19 +164,43 @@ class Feature:
     feature is first mapped to the teacher's shape by a projector that trains with the student and is left out of
     the exported student.
 
+    With ``teacher=None`` nothing is tapped in the teacher: the projector maps the student feature into the
+    *logit space* (the shape of the student's ``"logits"``), so that a term compares ``"feat.<name>"`` with
+    ``"teacher.logits"`` (One-for-All KD's per-stage branches, kind ``"head"``), or to an explicit ``shape``
+    (a target that is not a teacher module's output, such as a cached teacher's).
+
     Attributes:
         name: Name of the feature pair.
         student: Module path in the student (as in ``named_modules()``), e.g. ``"features.2"``.
-        teacher: Module path in the teacher, e.g. ``"conv3"``.
-        projector: Projector kind, or ``None`` to compare the raw student feature.
+        teacher: Module path in the teacher, e.g. ``"conv3"``; ``None``: the logit space (needs a projector).
+        projector: Projector kind (see :data:`mentor.taps.PROJECTOR_KINDS`), or ``None`` to compare the raw
+            student feature.
         inputs: Capture the modules' inputs instead of their outputs.
+        hidden: Hidden width of an ``"mlp"`` or ``"head"`` projector (``None``: the projector's default).
+        shape: With ``teacher=None``, the projector's output shape without the batch dimension (``None``: the
+            shape of the student's logits).
     """
 
     name: str
     student: str
-    teacher: str
+    teacher: str | None
     projector: str | None = None
     inputs: bool = False
+    hidden: int | None = None
+    shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape is not None and self.teacher is not None:
+            raise ValueError(f"feature {self.name!r}: shape={self.shape!r} applies only without a teacher module "
+                             f"(the teacher's feature {self.teacher!r} gives the shape)")
+        if self.teacher is None and self.projector is None:
+            raise ValueError(
+                f"feature {self.name!r} has no teacher module, so its projector maps it into the logit space; "
+                "expected a projector kind (for example 'head'), got None"
+            )
+        if self.hidden is not None and self.projector not in ("mlp", "head"):
+            raise ValueError(f"feature {self.name!r}: hidden={self.hidden!r} applies to projector 'mlp' or 'head', "
+                             f"not {self.projector!r}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +214,12 @@ class Method:
             generation ``k + 1`` (generation 1 learns from the given teacher, or from labels alone if there is none).
         description: One line for ``mentor recipes``.
         features: Intermediate features the terms use (see :class:`Feature`).
+        teacher: How to build the teacher from the student when ``fit`` is given none: ``teacher(student) ->
+            teacher`` (``teachers.EMA`` for Mean Teacher, ``teachers.Self`` for FixMatch).
+        views: The teacher's and the student's augmentation of each batch (:class:`mentor.views.Views`), seeded per
+            item by ``(run seed, epoch, item index, view)``; ``None``: both see the batch as it is.
+        supervised_view: What the student sees of *labelled* items: ``"student"`` (its own view, as Mean Teacher)
+            or ``"teacher"`` (the teacher's view: FixMatch's weakly augmented labelled batch).
     """
 
     name: str
@@ -130,6 +227,9 @@ class Method:
     generations: int = 1
     description: str = ""
     features: tuple[Feature, ...] = ()
+    teacher: Callable[[Any], Any] | None = None
+    views: Any = None
+    supervised_view: Literal["student", "teacher"] = "student"
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -142,6 +242,15 @@ class Method:
         feature_names = [f.name for f in self.features]
         if len(set(feature_names)) != len(feature_names):
             raise ValueError(f"method {self.name!r} has duplicate feature names {feature_names}")
+        if self.supervised_view not in ("student", "teacher"):
+            raise ValueError(f"method {self.name!r}: supervised_view must be 'student' or 'teacher', "
+                             f"got {self.supervised_view!r}")
+        for t in self.terms:
+            if isinstance(t.weighting, str):
+                owner = next((o for o in self.terms if o.name == t.weighting), None)
+                if owner is None or owner.weigh is None:
+                    raise ValueError(f"method {self.name!r}: term {t.name!r} reads the weighting of term "
+                                     f"{t.weighting!r}, which {'has none' if owner else 'does not exist'}")
 
     @property
     def needs_teacher(self) -> bool:
@@ -165,12 +274,12 @@ class Method:
                 raise ValueError(f"methods {self.name!r} and {other.name!r} both define feature {f.name!r} "
                                  f"differently: {features[f.name]} vs {f}")
             features.setdefault(f.name, f)
-        return Method(f"{self.name}+{other.name}", self.terms + added, self.generations, self.description,
-                      tuple(features.values()))
+        return dataclasses.replace(self, name=f"{self.name}+{other.name}", terms=self.terms + added,
+                                   features=tuple(features.values()))
 
     def with_terms(self, *extra: Term) -> Method:
         """A copy with more terms."""
-        return Method(self.name, self.terms + extra, self.generations, self.description, self.features)
+        return dataclasses.replace(self, terms=self.terms + extra)
 
 
 def term_mask(term: Term, labels: Tensor) -> Tensor | None:
@@ -179,17 +288,39 @@ def term_mask(term: Term, labels: Tensor) -> Tensor | None:
     A term whose target is the label itself gets no mask: the unlabelled marker is in the target, and a loss
     against labels drops negative labels by contract (see :func:`mentor.losses.cross_entropy`).
     """
+    if term.items == "unlabelled":
+        return labels == UNLABELLED
     if term.items != "labelled" or term.target == "label":
         return None
     return labels != UNLABELLED
 
 
+def _weighting_owner(method: Method, term: Term) -> Term | None:
+    """The term whose :class:`Weigh` ``term`` uses (itself, another term named by it, or ``None``)."""
+    if isinstance(term.weighting, str):
+        return next(t for t in method.terms if t.name == term.weighting)
+    return term if term.weighting is not None else None
+
+
 def _source(
-    term: Term, source: str, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None, labels: Tensor
+    term: Term, source: str, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None, labels: Tensor,
+    weighting: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    """The tensor a term's target or extra argument names: the labels, a teacher output or a student output."""
+    """The tensor a term's target or extra argument names: the labels, a teacher output, a student output, or a
+    detached student output (``"detached.<key>"``: the same tensor as the student's ``<key>``, gradient stopped)."""
     if source == "label":
         return labels
+    if source.startswith("weighting."):
+        key = source.split(".", 1)[1]
+        if weighting is None or key not in weighting:
+            raise KeyError(f"term {term.name!r} needs {source!r}; its weighting has "
+                           f"{sorted(weighting) if weighting is not None else 'nothing (none was computed)'}")
+        return weighting[key]
+    if source.startswith("detached."):
+        key = source.split(".", 1)[1]
+        if key not in student:
+            raise KeyError(f"term {term.name!r} needs student output {key!r} (for {source!r}); have {sorted(student)}")
+        return student[key].detach()
     if source.startswith("teacher."):
         if teacher is None:
             raise ValueError(f"term {term.name!r} needs a teacher, but none was given")
@@ -209,6 +340,7 @@ def compute_terms(
     labels: Tensor,
     step: int,
     num_items: Mapping[str, float] | None = None,
+    weighting: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted total loss and each term's unweighted value.
 
@@ -220,6 +352,10 @@ def compute_terms(
         step: Global optimisation step, for the weight schedules.
         num_items: Per-term normaliser (items the term covers in the whole accumulated batch); by default each
             term is a mean over this batch.
+        weighting: For each term with its own :class:`Weigh`, by term name: ``"weights"`` ``[B]`` (float, this
+            batch's weights), ``"mask"`` ``[B]`` (weights > 0), optionally ``"aligned"`` ``[B, C]`` (the aligned
+            log-probabilities) and the weighting's state tensors. Terms with a weighting use ``weights`` (times
+            their item mask) as their ``mask``.
 
     Returns:
         ``(total, {term name: value})``.
@@ -230,26 +366,46 @@ def compute_terms(
     for term in method.terms:
         if term.student not in student:
             raise KeyError(f"term {term.name!r} needs student output {term.student!r}; have {sorted(student)}")
-        target = _source(term, term.target, student, teacher, labels)
+        owner = _weighting_owner(method, term) if term.weighting is not None else None
+        weighed = None
+        if owner is not None:
+            if weighting is None or owner.name not in weighting:
+                raise ValueError(f"term {term.name!r} is weighted by term {owner.name!r}'s weighting, but no "
+                                 "weights were computed for it (the training loop computes them)")
+            weighed = weighting[owner.name]
+        assert owner is None or owner.weigh is not None
+        if weighed is not None and "aligned" in weighed and term.target == owner.weigh.source:  # type: ignore[union-attr]
+            target = weighed["aligned"]
+        else:
+            target = _source(term, term.target, student, teacher, labels, weighed)
         if term.transform is not None:
             target = term.transform(target)
-        extra = {arg: _source(term, src, student, teacher, labels) for arg, src in term.extra.items()}
+        extra = {arg: _source(term, src, student, teacher, labels, weighed) for arg, src in term.extra.items()}
         n = None if num_items is None else num_items[term.name]
         if term.reduction == "items":
-            value = term.loss(student[term.student], target, mask=term_mask(term, labels), num_items=n,
-                              **extra, **term.kwargs)
+            mask = term_mask(term, labels)
+            if weighed is not None:
+                w = weighed["weights"]
+                mask = w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+            value = term.loss(student[term.student], target, mask=mask, num_items=n, **extra, **term.kwargs)
         else:
             inputs = {"_s": student[term.student], "_t": target, **extra}
             covered = labels.shape[0]
-            if term.items == "labelled":
+            if term.items != "all":
                 labelled = labels != UNLABELLED if labelled is None else labelled
-                covered = int(labelled.sum())
-                inputs = {k: v[labelled] for k, v in inputs.items()}
+                keep = labelled if term.items == "labelled" else ~labelled
+                covered = int(keep.sum())
+                per_item = {"_s", *(k for k, src in term.extra.items()
+                                    if src not in {f"weighting.{key}" for key in (weighed or {})}
+                                    or src in ("weighting.weights", "weighting.mask"))}
+                if not term.target.startswith("weighting.") or term.target in ("weighting.weights", "weighting.mask"):
+                    per_item.add("_t")
+                inputs = {k: v[keep] if k in per_item else v for k, v in inputs.items()}
             if covered == 0:
                 value = student[term.student].sum() * 0.0  # nothing to compare here: no contribution, graph kept
             else:
                 value = term.loss(inputs.pop("_s"), inputs.pop("_t"), **inputs, **term.kwargs)
-                if n is not None:
+                if n is not None and covered != n:  # a share of 1 is the common case: no extra autograd node
                     value = value * (covered / n)
         values[term.name] = value
         weight = term.weight_at(step)

@@ -53,10 +53,13 @@ class CNN1d(nn.Module):
         length: Input length ``L``.
         channels: Channels of each convolution.
         num_classes: Output classes.
+        dropout: Dropout on the flattened features before the linear layer (0 disables it; Noisy Student's model
+            noise).
     """
 
-    def __init__(self, length: int = 40, channels: int = 25, num_classes: int = 10) -> None:
+    def __init__(self, length: int = 40, channels: int = 25, num_classes: int = 10, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
         self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
         self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
@@ -71,7 +74,7 @@ class CNN1d(nn.Module):
         h = torch.relu(self.conv1(h))
         h = torch.relu(self.conv2(h))
         h = torch.relu(self.conv3(h))
-        return self.classifier(h.flatten(1))
+        return self.classifier(self.dropout(h.flatten(1)))
 
 
 class GRUClassifier(nn.Module):

@@ -242,9 +242,10 @@ def _check_run_dir(run_dir: Path) -> None:
 
 
 def _previous_generation(run_dir: Path) -> Path | None:
-    """For ``.../gen<k>`` with ``k > 1``: the weights of generation ``k - 1`` (its teacher), if present."""
+    """For ``.../gen<k>`` with ``k > 1``, or ``k = 1`` beside a ``gen0`` (noisy_student's supervised first teacher):
+    the weights of generation ``k - 1`` (its teacher), if present."""
     match = re.fullmatch(r"gen(\d+)", run_dir.name)
-    if match is None or int(match.group(1)) <= 1:
+    if match is None or int(match.group(1)) < 1:
         return None
     weights = run_dir.parent / f"gen{int(match.group(1)) - 1}" / "student.safetensors"
     return weights if weights.is_file() else None
@@ -267,7 +268,7 @@ def _load_models(run_dir: Path, cfg: Any) -> tuple[nn.Module, nn.Module | None, 
             teacher = build_student(cfg, 0)
             load_model_weights(teacher, previous)
             description = f"previous generation ({previous.parent.name})"
-        elif cfg.teacher is not None:
+        elif cfg.teacher is not None and (cfg.teacher.run is not None or cfg.teacher.checkpoint is not None):
             spec = cfg.teacher
             description = f"run {spec.run}" if spec.run is not None else f"{spec.model} from {spec.checkpoint}"
             try:

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Schedule", "Constant", "Linear", "Cosine", "RampUp", "Step", "Product", "as_schedule", "from_spec"]
+__all__ = ["Schedule", "Constant", "Linear", "Cosine", "RampUp", "Step", "Product", "EMAWarmup", "as_schedule",
+           "from_spec"]
 
 
 @runtime_checkable
@@ -85,6 +86,24 @@ class RampUp:
 
 
 @dataclass(frozen=True)
+class EMAWarmup:
+    """Mean Teacher's EMA decay warm-up: ``min(1 - 1 / (step + 2), value)`` (Tarvainen & Valpola 2017,
+    https://arxiv.org/abs/1703.01780, whose ``update_ema_variables`` uses ``min(1 - 1 / (global_step + 1), alpha)``
+    with ``global_step`` counted from 1 after the first optimiser step; mentor's ``step`` counts from 0). The
+    average starts as a true mean of the first weights (decay 0.5, 0.667, 0.75, ...) and settles at ``value``.
+    """
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.value <= 1.0:
+            raise ValueError(f"EMAWarmup value must be in [0, 1], got {self.value}")
+
+    def __call__(self, step: int) -> float:
+        return min(1.0 - 1.0 / (max(step, 0) + 2), float(self.value))
+
+
+@dataclass(frozen=True)
 class Step:
     """Piecewise constant: ``values[i]`` from ``boundaries[i-1]`` (inclusive) to ``boundaries[i]``."""
 
@@ -129,12 +148,14 @@ class Product:
         return float(self.a(step)) * float(self.b(step))
 
 
-_KINDS = {"constant": Constant, "linear": Linear, "cosine": Cosine, "rampup": RampUp, "step": Step}
+_KINDS = {"constant": Constant, "linear": Linear, "cosine": Cosine, "rampup": RampUp, "step": Step,
+          "ema_warmup": EMAWarmup}
 
 
 def from_spec(spec: object) -> Schedule:
     """A schedule from a config value: a number (constant), or a one-key mapping ``{kind: {arguments}}`` with kind
-    one of ``constant``, ``linear``, ``cosine``, ``rampup``, ``step`` (e.g. ``{linear: {start: 0, end: 1,
+    one of ``constant``, ``linear``, ``cosine``, ``rampup``, ``step``, ``ema_warmup``
+    (e.g. ``{linear: {start: 0, end: 1,
     steps: 1000}}``)."""
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return Constant(float(spec))

@@ -34,11 +34,13 @@ plain model alike.
 
 **Projectors.** :func:`build_projector` makes a :class:`Projector` that maps a student feature to the teacher's
 shape: ``"linear"`` (on the last dimension), ``"conv1x1"`` (channels of ``[C, L]``, ``[C, H, W]`` or
-``[C, D, H, W]`` maps; spatial sizes must already agree) or ``"mlp"`` (Linear-ReLU-Linear). :class:`Projectors`
-holds one per tapped name. Projectors are a module of their own, kept outside the student: the training loop puts
-their parameters into the optimiser next to the student's (and, under data parallelism, prepares them with the
-student so that their gradients are averaged too), saves them in its checkpoints for an exact resume, and leaves
-them out of the exported ``student.safetensors``, which therefore loads into the plain student architecture.
+``[C, D, H, W]`` maps; spatial sizes must already agree), ``"mlp"`` (Linear-ReLU-Linear) or ``"head"`` (a small
+classifier head into a vector such as the logits: global average pooling of a feature map, between an MLP's two
+layers). :class:`Projectors` holds one per tapped name. Projectors are a module of their own, kept outside the
+student: the training loop puts their parameters into the optimiser next to the student's (and, under data
+parallelism, prepares them with the student so that their gradients are averaged too), saves them in its
+checkpoints for an exact resume, and leaves them out of the exported ``student.safetensors``, which therefore loads
+into the plain student architecture.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ __all__ = ["WRAPPER_PREFIXES", "PROJECTOR_KINDS", "Taps", "feature_shapes", "Pro
 WRAPPER_PREFIXES: tuple[str, ...] = ("module", "_orig_mod")
 """Leading name components that wrappers add (DDP / Accelerate: ``module``; ``torch.compile``: ``_orig_mod``)."""
 
-PROJECTOR_KINDS: tuple[str, ...] = ("linear", "conv1x1", "mlp")
+PROJECTOR_KINDS: tuple[str, ...] = ("linear", "conv1x1", "mlp", "head")
 """Kinds accepted by :func:`build_projector`."""
 
 _LIST_ALL_UP_TO = 20  # an unknown name lists every valid name when the model has at most this many
@@ -381,6 +383,7 @@ def _as_shape(value: Sequence[int], what: str) -> tuple[int, ...]:
 
 
 _CONVS: dict[int, type[nn.Module]] = {2: nn.Conv1d, 3: nn.Conv2d, 4: nn.Conv3d}
+_POOLS: dict[int, type[nn.Module]] = {2: nn.AdaptiveAvgPool1d, 3: nn.AdaptiveAvgPool2d, 4: nn.AdaptiveAvgPool3d}
 
 
 class Projector(nn.Module):
@@ -393,12 +396,16 @@ class Projector(nn.Module):
     - ``"conv1x1"``: a kernel-1 convolution over channels, for ``[C, L]`` (Conv1d), ``[C, H, W]`` (Conv2d) or
       ``[C, D, H, W]`` (Conv3d) maps; the spatial sizes must agree.
     - ``"mlp"``: Linear-ReLU-Linear on the last dimension, ``hidden`` units (default ``max(D_s, D_t)``).
+    - ``"head"``: a small classifier head from any feature to a vector ``[K]`` (e.g. logits): for a ``[D]``
+      feature Linear-ReLU-Linear; for a ``[C, *spatial]`` map a kernel-1 convolution to ``hidden`` channels,
+      ReLU, global average pooling, then Linear to ``K`` (``hidden`` defaults to ``max(C, K)``). The per-stage
+      branches of One-for-All KD (Hao et al. 2023, https://arxiv.org/abs/2310.19444) in their simplest form.
 
     Args:
         kind: One of :data:`PROJECTOR_KINDS`.
         student_shape: The student feature's shape without the batch dimension.
         teacher_shape: The teacher feature's shape without the batch dimension.
-        hidden: Hidden width of ``"mlp"``; not accepted by the other kinds.
+        hidden: Hidden width of ``"mlp"`` and ``"head"``; not accepted by the other kinds.
 
     Raises:
         ValueError: An unknown kind (the message lists the valid ones), or shapes the kind cannot map (naming both).
@@ -416,10 +423,26 @@ class Projector(nn.Module):
             raise ValueError(f"projector kind {kind!r} is not one of {', '.join(repr(k) for k in PROJECTOR_KINDS)}")
         s = _as_shape(student_shape, "student_shape")
         t = _as_shape(teacher_shape, "teacher_shape")
-        if hidden is not None and kind != "mlp":
-            raise ValueError(f"hidden={hidden!r} applies only to projector kind 'mlp', not {kind!r}")
+        if hidden is not None and kind not in ("mlp", "head"):
+            raise ValueError(f"hidden={hidden!r} applies only to projector kind 'mlp' or 'head', not {kind!r}")
         self.kind, self.student_shape, self.teacher_shape = kind, s, t
         self.net: nn.Module
+        if kind == "head":
+            if len(t) != 1:
+                raise ValueError(f"projector 'head' maps a feature to a vector [K] (such as logits), got teacher "
+                                 f"shape {t}; use 'linear', 'conv1x1' or 'mlp' for feature maps")
+            if len(s) != 1 and len(s) not in _CONVS:
+                raise ValueError(f"projector 'head' maps [D], [C, L], [C, H, W] or [C, D, H, W] features, got "
+                                 f"student shape {s}")
+            width = max(s[0], t[0]) if hidden is None else hidden
+            if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+                raise ValueError(f"hidden must be a positive integer or None, got {hidden!r}")
+            if len(s) == 1:
+                self.net = nn.Sequential(nn.Linear(s[0], width), nn.ReLU(), nn.Linear(width, t[0]))
+            else:
+                self.net = nn.Sequential(_CONVS[len(s)](s[0], width, kernel_size=1), nn.ReLU(), _POOLS[len(s)](1),
+                                         nn.Flatten(), nn.Linear(width, t[0]))
+            return
         if kind == "conv1x1":
             if len(s) not in _CONVS:
                 raise ValueError(
@@ -466,10 +489,10 @@ def build_projector(
     """A :class:`Projector` of ``kind`` from ``student_shape`` to ``teacher_shape`` (both without the batch dim).
 
     Args:
-        kind: ``"linear"``, ``"conv1x1"`` or ``"mlp"`` (see :class:`Projector`).
+        kind: ``"linear"``, ``"conv1x1"``, ``"mlp"`` or ``"head"`` (see :class:`Projector`).
         student_shape: Student feature shape, e.g. ``(25, 5)``.
         teacher_shape: Teacher feature shape, e.g. ``(64, 5)``.
-        hidden: Hidden width for ``"mlp"`` (default ``max`` of the two last dimensions).
+        hidden: Hidden width for ``"mlp"`` / ``"head"`` (default ``max`` of the two widths).
 
     Returns:
         The projector, on the CPU in float32, trainable.
@@ -517,7 +540,7 @@ class Projectors(nn.Module):
                                  f"got {spec!r}")
             kind, s, t = spec
             try:
-                built[name] = build_projector(kind, s, t, hidden=hidden if kind == "mlp" else None)
+                built[name] = build_projector(kind, s, t, hidden=hidden if kind in ("mlp", "head") else None)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"projector for {name!r}: {err}") from err
         return cls(built)
@@ -580,29 +603,45 @@ class FeaturePairs:
     Holds the student's and the teacher's :class:`Taps` (one per side and per ``inputs`` flag) and builds the
     projectors from the shapes of one dry batch. During a step, :meth:`capture` attaches the hooks around the two
     forwards only (evaluation passes capture nothing), and :meth:`merge` adds ``"feat.<name>"`` to the student's and
-    the teacher's output dicts, the student side through its projector where the feature has one.
+    the teacher's output dicts, the student side through its projector where the feature has one. A feature
+    without a teacher module (``teacher=None``) is projected into the logit space (the shape of the student's
+    ``"logits"`` on ``example``), or to its explicit ``shape``, and adds nothing to the teacher's dict.
 
     Args:
         features: The method's features.
         student: The plain (unwrapped) student.
-        teacher: The teacher network (for example ``Frozen.model``).
+        teacher: The teacher network (for example ``Frozen.model``); ``None`` when no feature names a teacher module,
+            or when the teacher's features come with its outputs (a teacher cache, see ``teacher_features``).
         example: A batch both accept, ``[B, ...]`` (a couple of training items).
+        teacher_features: Shapes (without the batch dimension) of teacher features that arrive in the teacher's
+            output dict as ``"feat.<module>"`` instead of being tapped, keyed by ``(module, inputs)``; used for
+            the features whose module is listed here when ``teacher`` is ``None``.
 
     Attributes:
         projectors: One projector per feature that names a kind (possibly empty); a module of its own, to be
             optimised with the student and left out of the exported student.
     """
 
-    def __init__(self, features: Sequence[Any], student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+    def __init__(
+        self, features: Sequence[Any], student: nn.Module, teacher: nn.Module | None, example: Tensor,
+        teacher_features: Mapping[tuple[str, bool], torch.Size] | None = None,
+    ) -> None:
         if not features:
             raise ValueError("FeaturePairs needs at least one feature")
         self.features = tuple(features)
+        given = dict(teacher_features or {}) if teacher is None else {}
+        missing = [f.teacher for f in self.features if f.teacher is not None and (f.teacher, f.inputs) not in given]
+        if teacher is None and missing:
+            have = ", ".join(f"{m} ({'inputs' if i else 'outputs'})" for m, i in given) or "none"
+            raise ValueError(f"FeaturePairs: features that tap teacher modules {missing} need the teacher network "
+                             f"or stored teacher features (stored: {have})")
         self._taps: list[tuple[str, Taps]] = []  # (side, taps)
         shapes: dict[tuple[str, str, bool], torch.Size] = {}
         for side, model in (("student", student), ("teacher", teacher)):
             for flag in (False, True):
-                names = list(dict.fromkeys(getattr(f, side) for f in self.features if f.inputs == flag))
-                if not names:
+                names = list(dict.fromkeys(getattr(f, side) for f in self.features
+                                           if f.inputs == flag and getattr(f, side) is not None))
+                if not names or model is None:
                     continue
                 device = next(iter(model.parameters()), torch.empty(0)).device
                 try:
@@ -611,13 +650,26 @@ class FeaturePairs:
                 except ValueError as err:
                     raise ValueError(f"{side} feature: {err}") from None
                 shapes.update({(side, n, flag): s for n, s in found.items()})
-        specs = {
-            f.name: (f.projector, shapes[("student", f.student, f.inputs)], shapes[("teacher", f.teacher, f.inputs)])
-            for f in self.features if f.projector is not None
-        }
-        self.shapes = {f.name: (shapes[("student", f.student, f.inputs)], shapes[("teacher", f.teacher, f.inputs)])
-                       for f in self.features}
-        self.projectors = Projectors.from_shapes(specs)
+        shapes.update({("teacher", n, flag): torch.Size(s) for (n, flag), s in given.items()})
+        unshaped = [f for f in self.features if f.teacher is None and getattr(f, "shape", None) is None]
+        logits = _logits_shape(student, example) if unshaped else None
+
+        def target(f: Any) -> torch.Size:
+            if f.teacher is not None:
+                return shapes[("teacher", f.teacher, f.inputs)]
+            shape = getattr(f, "shape", None)
+            return torch.Size(shape) if shape is not None else logits  # type: ignore[return-value]
+
+        self.shapes = {f.name: (shapes[("student", f.student, f.inputs)], target(f)) for f in self.features}
+        built: dict[str, nn.Module] = {}
+        for f in self.features:
+            if f.projector is None:
+                continue
+            try:
+                built[f.name] = build_projector(f.projector, *self.shapes[f.name], hidden=getattr(f, "hidden", None))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"projector for {f.name!r}: {err}") from err
+        self.projectors = Projectors(built)
 
     def capture(self) -> _Attached:
         """A context manager that attaches every hook and removes them on exit (also on an exception)."""
@@ -642,7 +694,26 @@ class FeaturePairs:
         projected = (projectors or self.projectors)(to_project) if to_project else {}
         for f in self.features:
             student_out[f"feat.{f.name}"] = projected.get(f.name, raw[f.name])
-            teacher_out[f"feat.{f.name}"] = captured[("teacher", f.teacher, f.inputs)]
+            if f.teacher is not None:
+                key = ("teacher", f.teacher, f.inputs)
+                # a tapped teacher feature, or one that came with the teacher's outputs (a teacher cache)
+                teacher_out[f"feat.{f.name}"] = captured[key] if key in captured else teacher_out[f"feat.{f.teacher}"]
+
+
+def _logits_shape(model: nn.Module, example: Tensor) -> torch.Size:
+    """The shape (without the batch dimension) of ``model``'s ``"logits"`` on ``example``, from one eval forward."""
+    from mentor.teachers import as_outputs
+
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(iter(model.parameters()), torch.empty(0)).device
+            logits = as_outputs(model(example.to(device)))["logits"]
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    return logits.shape[1:]
 
 
 class _Attached:

@@ -48,8 +48,10 @@ from mentor import atomic
 from mentor.data import UNLABELLED, TensorData, check_data
 from mentor.eval import evaluate
 from mentor.method import Method, compute_terms
+from mentor.semi import SemiData, Weighings, combine
 from mentor.taps import FeaturePairs
 from mentor.teachers import Teacher, as_outputs
+from mentor.views import Views
 
 __all__ = ["Optim", "FitResult", "NonFiniteLossError", "fit", "build_optimizer", "save_model", "load_model_weights",
            "check_setup"]
@@ -131,6 +133,8 @@ class FitResult:
         steps: Optimisation steps taken in total.
         out: The run directory, if any.
         projectors: The trained feature projectors of a method with projected features (not part of the student).
+        teacher: The teacher the run used (for a method that builds its own, the EMA teacher or ``Self``).
+        weightings: The weighting object of each weighted term (see :class:`mentor.method.Weigh`), by term name.
     """
 
     student: nn.Module
@@ -139,6 +143,8 @@ class FitResult:
     steps: int = 0
     out: Path | None = None
     projectors: nn.Module | None = None
+    teacher: Teacher | None = None
+    weightings: dict[str, Any] = field(default_factory=dict)
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
@@ -283,18 +289,21 @@ def _epoch_item_counts(
 ) -> list[dict[str, float]]:
     """Per step of an epoch, the number of items each term covers in the whole global batch (at least 1)."""
     labelled = [float(global_batch)] * steps
-    if method.needs_labels:
+    if method.needs_labels or any(t.items == "unlabelled" for t in method.terms):
         used = labels[perm[: steps * global_batch]].view(steps, global_batch)
         labelled = (used != UNLABELLED).sum(dim=1).double().tolist()
     return [
-        {t.name: max(labelled[i] if t.items == "labelled" else float(global_batch), 1.0) for t in method.terms}
+        {t.name: max(labelled[i] if t.items == "labelled" else global_batch - labelled[i]
+                     if t.items == "unlabelled" else float(global_batch), 1.0) for t in method.terms}
         for i in range(steps)
     ]
 
 
 def _num_items(method: Method, labels: Tensor) -> dict[str, float]:
     labelled = float((labels != UNLABELLED).sum())
-    return {t.name: max(labelled if t.items == "labelled" else float(labels.shape[0]), 1.0) for t in method.terms}
+    every = float(labels.shape[0])
+    return {t.name: max(labelled if t.items == "labelled" else every - labelled if t.items == "unlabelled" else every,
+                        1.0) for t in method.terms}
 
 
 def check_setup(student: nn.Module, teacher: Teacher | None, method: Method, data: TensorData, name: str) -> int:
@@ -319,13 +328,18 @@ def check_setup(student: nn.Module, teacher: Teacher | None, method: Method, dat
         student.train(was_training)
     num_classes = int(s_logits.shape[-1])
     if teacher is not None and method.needs_teacher:
+        indexed = getattr(teacher, "needs_index", False)
+        if indexed and hasattr(teacher, "check_data"):
+            teacher.check_data(data.x)  # a cache built on other data is refused here, with both fingerprints
         try:
-            t_logits = teacher.targets(x)["logits"]
+            t_out = (teacher.targets(x, index=torch.arange(x.shape[0])) if indexed  # type: ignore[call-arg]
+                     else teacher.targets(x))
         except Exception as err:
             raise ValueError(f"the teacher cannot run on {name} items of shape {tuple(x.shape[1:])}: {err}") from err
-        if t_logits.shape[-1] != num_classes:
+        t_classes = int(t_out["logits"].shape[-1]) if "logits" in t_out else getattr(teacher, "num_classes", None)
+        if t_classes is not None and t_classes != num_classes:
             raise ValueError(
-                f"teacher has {t_logits.shape[-1]} output classes but the student has {num_classes}: "
+                f"teacher has {t_classes} output classes but the student has {num_classes}: "
                 "expected the same number of classes"
             )
     if method.features:
@@ -336,7 +350,12 @@ def check_setup(student: nn.Module, teacher: Teacher | None, method: Method, dat
 
 def _feature_pairs(method: Method, student: nn.Module, teacher: Teacher | None, example: Tensor) -> FeaturePairs:
     teacher_net = getattr(teacher, "model", None)
-    if not isinstance(teacher_net, nn.Module):
+    stored = getattr(teacher, "feature_shapes", None)
+    if not isinstance(teacher_net, nn.Module) and callable(stored):  # features read from a teacher cache
+        return FeaturePairs(method.features, student, None, example, teacher_features=stored())
+    if not isinstance(teacher_net, nn.Module) and all(f.teacher is None for f in method.features):
+        teacher_net = None  # student-side features only (branches into the logit space): no teacher network needed
+    elif not isinstance(teacher_net, nn.Module):
         raise ValueError(
             f"recipe {method.name!r} compares intermediate features, which needs a teacher network "
             f"(teachers.Frozen or teachers.EMA), got {type(teacher).__name__}"
@@ -368,6 +387,10 @@ def fit(
     progress: bool = True,
     trackers: Sequence[str] = (),
     run_config: Mapping[str, Any] | None = None,
+    eval_teacher: Teacher | None = None,
+    unlabelled: TensorData | None = None,
+    mu: int = 1,
+    export: str = "student",
 ) -> FitResult:
     """Train ``student`` with ``method``.
 
@@ -394,6 +417,15 @@ def fit(
         progress: Show a progress bar (main process only).
         trackers: Accelerate trackers (``"tensorboard"``, ``"wandb"``, ``"mlflow"``), logged to on the main process.
         run_config: The resolved configuration, passed to trackers.
+        eval_teacher: The teacher whose agreement and KL the evaluation reports; defaults to ``teacher``, except
+            for a teacher that reads by item index (``teachers.Cached``), which cannot score the evaluation data.
+        unlabelled: An unlabelled pool drawn separately from ``train_data`` (then the labelled set): every
+            micro-batch holds ``batch_size`` labelled items followed by ``mu * batch_size`` pool items, an epoch is
+            one pass over the labelled set (see :mod:`mentor.semi`).
+        mu: Unlabelled items per labelled item in a batch (with ``unlabelled``).
+        export: ``"student"`` or ``"teacher"``: the model evaluated and written to ``student.safetensors`` (the
+            run's deployed model). ``"teacher"`` needs a teacher trained alongside (``teachers.EMA``); the other
+            model's accuracy is logged too (``teacher_accuracy`` or ``student_accuracy``).
 
     Returns:
         A :class:`FitResult`.
@@ -423,7 +455,29 @@ def fit(
         raise ValueError("train.mixed_precision 'fp16' needs a CUDA GPU; on the CPU use 'bf16' or 'no'")
     if resume and out is None:
         raise ValueError("resume=True needs the run directory 'out'")
-    check_setup(student, teacher, method, train_data, "train data")
+    if teacher is None and method.teacher is not None and method.needs_teacher:
+        teacher = method.teacher(student)  # built from the student: an EMA of it, or the student itself
+    if export not in ("student", "teacher"):
+        raise ValueError(f"train.export must be 'student' or 'teacher', got {export!r}")
+    if export == "teacher" and not (isinstance(getattr(teacher, "model", None), nn.Module)
+                                    and callable(getattr(teacher, "update", None))):
+        raise ValueError(f"train.export = 'teacher' needs a teacher network trained alongside the student "
+                         f"(teachers.EMA), got {type(teacher).__name__ if teacher is not None else None}")
+    labelled_set: TensorData | None = None
+    if unlabelled is not None:
+        if isinstance(mu, bool) or not isinstance(mu, int) or mu < 1:
+            raise ValueError(f"data.mu must be an integer >= 1, got {mu!r}")
+        check_data(unlabelled, "unlabelled pool")
+        if train_data.num_labelled != len(train_data):
+            missing = len(train_data) - train_data.num_labelled
+            raise ValueError(f"with an unlabelled pool, train data is the labelled set, but {missing} of its "
+                             f"{len(train_data)} items have no label")
+        labelled_set, train_data = train_data, combine(train_data, unlabelled)
+    num_classes = check_setup(student, teacher, method, train_data, "train data")
+    if method.features and any(t.weighting is not None for t in method.terms):
+        raise ValueError(f"recipe {method.name!r} has weighted terms and feature terms; the loop scores a step's "
+                         "micro-batches before the student's forwards when it weighs, so the teacher's features "
+                         "cannot be tapped with them (not supported)")
     if eval_data is not None:
         check_data(eval_data, "eval data")
 
@@ -448,6 +502,18 @@ def fit(
     device = accelerator.device
     global_batch = batch_size * grad_accum * world
     steps_per_epoch = len(train_data) // global_batch
+    semi: SemiData | None = None
+    if labelled_set is not None and unlabelled is not None:
+        semi = SemiData(len(labelled_set), len(unlabelled), batch_size, mu, grad_accum * world, seed)
+        if semi.steps_per_epoch == 0:
+            raise ValueError(f"the labelled set has {len(labelled_set)} items, fewer than one global batch of "
+                             f"{semi.labelled_per_step} (batch_size {batch_size} x grad_accum {grad_accum} x "
+                             f"{world} processes)")
+        if len(unlabelled) < semi.unlabelled_per_step:
+            raise ValueError(f"the unlabelled pool has {len(unlabelled)} items, fewer than one step takes "
+                             f"({semi.unlabelled_per_step} = mu {mu} x batch_size {batch_size} x grad_accum "
+                             f"{grad_accum} x {world} processes)")
+        global_batch, steps_per_epoch = (1 + mu) * semi.labelled_per_step, semi.steps_per_epoch
     if steps_per_epoch == 0:
         raise ValueError(
             f"train data has {len(train_data)} items, fewer than one global batch of {global_batch} "
@@ -461,10 +527,18 @@ def fit(
     student.to(device)
     if teacher is not None:
         teacher.to(device)
+    if eval_teacher is not None:
+        eval_teacher.to(device)
     trainable = [p for p in student.parameters() if p.requires_grad]
     if projectors is not None:
         projectors.to(device)
         trainable += list(projectors.parameters())  # trained with the student, left out of its export
+    # A routed ensemble's router (teachers.Router) trains with the student; it is checkpointed as the ensemble's
+    # state and left out of the student's export.
+    router = getattr(teacher, "router", None) if teacher is not None and method.needs_teacher else None
+    if router is not None:
+        router.to(device)
+        trainable += list(router.parameters())
     optimizer = build_optimizer(trainable, optim)
     if teacher is not None and hasattr(teacher, "parameters"):
         teacher_ids = {id(p) for p in teacher.parameters()}
@@ -476,6 +550,9 @@ def fit(
     else:
         model, optimizer = accelerator.prepare(student, optimizer)
         prepared_projectors = None
+    prepared_router = accelerator.prepare(router) if router is not None else None
+    # The weighting objects of weighted terms: fresh for this run, updated once per step, checkpointed.
+    weighings = Weighings(method, train_data.y, num_classes, accelerator.gather if world > 1 else None)
 
     out_dir = Path(out) if out is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
@@ -510,7 +587,12 @@ def fit(
                 torch.cuda.set_rng_state_all(cuda_states)
         _set_rng_state(state["rng"])
         if (path / "loop.safetensors").is_file():
-            resumed_window = load_file(str(path / "loop.safetensors"))["running"].to(device)
+            loop_state = load_file(str(path / "loop.safetensors"))
+            if "running" in loop_state:
+                resumed_window = loop_state["running"].to(device)
+            if weighings:
+                weighings.load_state_dict({k[len("weighting."):]: v.to(device) for k, v in loop_state.items()
+                                           if k.startswith("weighting.")})
         if metrics_path.is_file():  # every process's history starts with the rows kept; the main one rewrites the file
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r.get("step", 0) <= step]
@@ -536,9 +618,28 @@ def fit(
         if trackers:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
 
+    scorer = eval_teacher if eval_teacher is not None else (
+        None if getattr(teacher, "needs_index", False) or getattr(teacher, "student", None) is student else teacher)
+
+    # What the evaluation reports and the run exports: the student, or (export="teacher") the EMA teacher.
+    ema_net: nn.Module | None = getattr(teacher, "model", None) if callable(getattr(teacher, "update", None)) \
+        and isinstance(getattr(teacher, "model", None), nn.Module) else None
+
     def run_eval(epoch: int) -> dict[str, Any]:
         assert eval_data is not None
-        metrics = evaluate(accelerator.unwrap_model(model), eval_data, teacher, device=device)
+        student_net = accelerator.unwrap_model(model)
+        if export == "teacher":
+            assert ema_net is not None
+            metrics = {**evaluate(ema_net, eval_data, None, device=device), "evaluated": "teacher"}
+            other = evaluate(student_net, eval_data, None, device=device)
+            if "accuracy" in other:
+                metrics["student_accuracy"] = other["accuracy"]
+        else:
+            metrics = {**evaluate(student_net, eval_data, scorer, device=device), "evaluated": "student"}
+            if ema_net is not None:  # a teacher trained alongside: its accuracy too
+                other = evaluate(ema_net, eval_data, None, device=device)
+                if "accuracy" in other:
+                    metrics["teacher_accuracy"] = other["accuracy"]
         log({"step": step, "epoch": epoch, "split": "eval", **metrics})
         return metrics
 
@@ -549,10 +650,12 @@ def fit(
         # the same averages as an uninterrupted one. reduce() is collective: every process calls checkpoint().
         window = accelerator.reduce(torch.stack([torch.stack(v) for v in running]), "sum") if running else None
         if accelerator.is_main_process:
+            loop_state = {"running": window} if window is not None else {}
+            loop_state.update({f"weighting.{k}": v for k, v in weighings.state_dict().items()})
             _write_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), teacher, optimizer, scheduler,
                               {"step": step, "epoch": epoch, "batch": batch,
                                "elapsed_s": elapsed_before + time.perf_counter() - started}, keep_checkpoints,
-                              {"running": window} if window is not None else None, projectors)
+                              loop_state or None, projectors)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
@@ -564,9 +667,35 @@ def fit(
     final_metrics: dict[str, Any] = {}
     term_names = [t.name for t in method.terms]
     use_teacher = teacher is not None and method.needs_teacher
+    indexed = use_teacher and getattr(teacher, "needs_index", False)  # a cache: targets by item index
+    student_view = getattr(teacher, "student_inputs", None) if indexed else None
     update = getattr(teacher, "update", None) if teacher is not None else None
     autocast = accelerator.autocast if mixed_precision != "no" else nullcontext
     on_cpu = device.type == "cpu"
+    views = method.views
+    teacher_view_for_labelled = views is not None and method.supervised_view == "teacher"
+    # Under DDP each process's forwards update its own copy of the student's buffers (DDP broadcasts rank 0's at
+    # the next forward); an EMA teacher averages rank 0's, so that every process holds the same teacher.
+    sync_buffers = world > 1 and callable(update) and any(True for _ in student.buffers())
+
+    def teacher_pass(micro_index: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
+        """The student's input, the labels and the teacher's outputs of one micro-batch (views applied: each
+        item's view is seeded by (run seed, step, item index, view), so a resumed run sees the same views)."""
+        x, y = train_data.take(micro_index)
+        if not on_cpu:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x_t = x
+        if views is not None:
+            with torch.no_grad():
+                x_t = views.view(Views.TEACHER, x, micro_index, step, seed)
+            x = views.view(Views.STUDENT, x, micro_index, step, seed)
+            if teacher_view_for_labelled:  # FixMatch: labelled items in the (weak) teacher view
+                x = torch.where((y != UNLABELLED).view(-1, *([1] * (x.dim() - 1))), x_t, x)
+        if indexed:
+            if student_view is not None:  # the stored view the teacher saw (CED)
+                x = student_view(x, micro_index, epoch)
+            return x, y, teacher.targets(x, index=micro_index, epoch=epoch)  # type: ignore[union-attr,call-arg]
+        return x, y, (teacher.targets(x_t) if use_teacher else None)  # type: ignore[union-attr]
     # Accelerate's AcceleratedOptimizer.step looks up an optional package with importlib on every call (accelerate
     # 1.15: `is_lomo_available()`, about 0.25 ms per step on a CPU core). Where the wrapper adds nothing (no fp16
     # grad scaler, no XLA, no DeepSpeed/FSDP), step the wrapped optimiser directly.
@@ -587,8 +716,10 @@ def fit(
     position = (start_epoch, start_batch)  # where the data order continues: (epoch, batch) of the next step
     done = step >= total_steps
     while not done and epoch < epochs:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(train_data), generator=generator)
+        if semi is not None:  # labelled items and the unlabelled stream, B + mu * B per micro-batch
+            perm = semi.epoch_order(epoch)
+        else:
+            perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         counts = _epoch_item_counts(method, train_data.y, perm, steps_per_epoch, global_batch)
         for batch_idx in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
             index = perm[batch_idx * global_batch : (batch_idx + 1) * global_batch]
@@ -596,19 +727,24 @@ def fit(
             micro = [index] if grad_accum == 1 and world == 1 else _micro_batches(index, grad_accum, world, rank)
             step_values: list[Tensor] = []
             nonfinite: str | None = None
+            staged = None
+            if weighings:  # score every micro-batch first: the weighting is updated once, before any weight
+                with autocast():
+                    staged = [teacher_pass(micro_index) for micro_index in micro]
+                step_weights = weighings.step([(t, y, i) for (_, y, t), i in zip(staged, micro, strict=True)])
             for m, micro_index in enumerate(micro):
-                x, y = train_data.take(micro_index)
-                if not on_cpu:
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 ctx = accelerator.no_sync(model) if world > 1 and m < len(micro) - 1 else nullcontext()
                 with ctx:
                     with autocast():
                         with features.capture() if features is not None else nullcontext():
-                            t_out = teacher.targets(x) if use_teacher else None  # type: ignore[union-attr]
+                            x, y, t_out = staged[m] if staged is not None else teacher_pass(micro_index)
                             s_out = as_outputs(model(x))
-                        if features is not None and t_out is not None:
-                            features.merge(s_out, t_out, prepared_projectors)
-                    total, values = compute_terms(method, s_out, t_out, y, step, num_items)
+                            if prepared_router is not None:  # the routed mixture, with gradients into the router
+                                s_out.update(prepared_router(x, t_out["members"]))  # type: ignore[index]
+                        if features is not None:
+                            features.merge(s_out, t_out if t_out is not None else {}, prepared_projectors)
+                    total, values = compute_terms(method, s_out, t_out, y, step, num_items,
+                                                  step_weights[m] if staged is not None else None)
                     if not math.isfinite(total.detach().item()):  # .item(): 0.6 us; bool(isfinite()): 5 us
                         bad = next((k for k, v in values.items() if not torch.isfinite(v.detach())), "total")
                         nonfinite = nonfinite or (
@@ -641,6 +777,9 @@ def fit(
             scheduler.step()
             optimizer_zero_grad(set_to_none=True)
             if callable(update):
+                if sync_buffers:
+                    for buffer in accelerator.unwrap_model(model).buffers():
+                        torch.distributed.broadcast(buffer, 0)
                 update(accelerator.unwrap_model(model), step)
             step += 1
             running.append(step_values)
@@ -672,13 +811,15 @@ def fit(
     checkpoint(*position)  # a max_steps stop in mid-epoch resumes at the next batch, not the next epoch
     unwrapped = accelerator.unwrap_model(model)
     if out_dir is not None and accelerator.is_main_process:
-        save_model(unwrapped, out_dir / "student.safetensors")
+        exported = ema_net if export == "teacher" and ema_net is not None else unwrapped
+        save_model(exported, out_dir / "student.safetensors")  # the deployed model, whichever it is
         if projectors is not None:  # kept beside, not inside, the exported student
             save_model(projectors, out_dir / "projectors.safetensors")
-        atomic.write_text(out_dir / "result.json", json.dumps({"metrics": final_metrics, "steps": step}, indent=2))
+        atomic.write_text(out_dir / "result.json", json.dumps({"metrics": final_metrics, "steps": step,
+                                                               "exported": export}, indent=2))
     if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return FitResult(student=unwrapped, metrics=final_metrics, history=history, steps=step, out=out_dir,
-                     projectors=projectors)
+                     projectors=projectors, teacher=teacher, weightings=weighings.objects)
 

@@ -20,6 +20,11 @@ formula.
   the backward, and the full ``[tokens, vocab]`` logits never exist. The backward (a custom autograd function) only
   scales the gradients kept from the forward: no recomputation. Without grad mode (evaluation) no gradient is
   computed.
+* **Per-token weights.** ``token_weights`` (``[B, T]`` aligned with the labels, or ``[N]``) make the loss
+  ``sum_i w_i * divergence_i / num_items``; they reach the divergence as the float ``mask`` of :mod:`mentor.losses`.
+* **Sparse teachers.** :func:`token_kd_topk` is the same chunked loop over a teacher given by per-position top-k
+  log-probabilities (what :mod:`mentor.cache` stores for sequence items), with
+  :func:`mentor.losses.sparse_kl_div` per chunk.
 * **Vocabularies.** See :mod:`mentor.lm.vocab`: equal output sizes are required unless ``vocab_size`` (the shared
   tokenizer's length) is given, in which case both sides are truncated to ``[0, vocab_size)``.
 
@@ -47,8 +52,11 @@ __all__ = [
     "divergence",
     "target_mask",
     "count_targets",
+    "select_token_weights",
     "token_kd",
     "token_kd_from_logits",
+    "token_kd_topk",
+    "token_kd_topk_from_logits",
 ]
 
 Divergence = Callable[..., Tensor]
@@ -175,6 +183,7 @@ def token_kd_from_logits(
     divergence: str | Divergence = "forward_kl",
     num_items: NumItems = None,
     vocab_size: int | None = None,
+    token_weights: Tensor | None = None,
     shift: bool = True,
     ignore_index: int = -100,
 ) -> Tensor:
@@ -188,6 +197,7 @@ def token_kd_from_logits(
         divergence: A name of :data:`DIVERGENCES` (default hyper-parameters) or a function from :func:`divergence`.
         num_items: Normaliser: the number of target tokens in the whole optimizer step (see the module docstring).
         vocab_size: The shared tokenizer's length, when the output sizes differ by padded rows.
+        token_weights: Optional per-token weights (see :func:`token_kd`).
         shift: Causal-LM shift (see :func:`target_mask`).
         ignore_index: The label of a position without a target.
 
@@ -212,7 +222,8 @@ def token_kd_from_logits(
     t = teacher_logits[:, :-1] if shift else teacher_logits
     with torch.no_grad():
         t_sel = t[mask][:, :vocab]
-    return div(s[mask][:, :vocab], t_sel, num_items=_normaliser(num_items, int(mask.sum())))
+    w = select_token_weights(token_weights, labels, mask, shift=shift)
+    return div(s[mask][:, :vocab], t_sel, num_items=_normaliser(num_items, int(mask.sum())), mask=w)
 
 
 def _student_head(head: nn.Module | Tensor) -> tuple[Tensor, Tensor | None]:
@@ -241,45 +252,45 @@ def _teacher_head(head: HeadLike) -> tuple[Callable[[Tensor], Tensor], int | Non
     raise TypeError(f"teacher_head must be an nn.Linear, a weight tensor [V, D] or a callable, got {head!r}")
 
 
+ChunkLoss = Callable[[Tensor, int, int], Tensor]
+"""``chunk_loss(student_logits [n, V], start, stop) -> scalar``: the loss of target positions ``[start, stop)``
+(the teacher's side of those positions is taken inside, without gradient)."""
+
+
 def _chunk_loop(
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    teacher_hidden: Tensor,
-    teacher_logits: Callable[[Tensor], Tensor],
-    div: Divergence,
+    chunk_loss: ChunkLoss,
     chunk_size: int,
     vocab: int,
-    num_items: int | float | Tensor,
     want: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The loss over ``hidden`` ``[N, D]`` chunk by chunk, and the gradients asked for by ``want`` (hidden, weight,
-    bias). Runs without building a graph outside each chunk's divergence."""
+    bias). Runs without building a graph outside each chunk's loss."""
     w = weight.detach()[:vocab]
     b = None if bias is None else bias.detach()[:vocab]
     h_all = hidden.detach()
-    t_all = teacher_hidden.detach()
     grad_h = torch.zeros_like(h_all) if want[0] else None
     grad_w = torch.zeros_like(weight) if want[1] else None
     grad_b = torch.zeros_like(bias) if want[2] and bias is not None else None
     total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     for start in range(0, h_all.shape[0], chunk_size):
-        h = h_all[start : start + chunk_size]
-        with torch.no_grad():
-            t = teacher_logits(t_all[start : start + chunk_size])[:, :vocab]
+        stop = min(start + chunk_size, h_all.shape[0])
+        h = h_all[start:stop]
         logits = F.linear(h, w, b)
         if not any(want):
             with torch.no_grad():
-                total += div(logits, t, num_items=num_items).detach()
+                total += chunk_loss(logits, start, stop).detach()
             continue
         logits.requires_grad_(True)
         with torch.enable_grad():
-            loss = div(logits, t, num_items=num_items)
+            loss = chunk_loss(logits, start, stop)
         (g,) = torch.autograd.grad(loss, logits)
         total += loss.detach()
-        del logits, t, loss  # this chunk's [n, V] blocks go before the next chunk's are made
+        del logits, loss  # this chunk's [n, V] blocks go before the next chunk's are made
         if grad_h is not None:
-            grad_h[start : start + chunk_size] = (g @ w).to(grad_h.dtype)
+            grad_h[start:stop] = (g @ w).to(grad_h.dtype)
         if grad_w is not None:
             grad_w[:vocab].addmm_(g.t().to(grad_w.dtype), h)
         if grad_b is not None:
@@ -297,21 +308,16 @@ class _ChunkedTokenKD(torch.autograd.Function):
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        teacher_hidden: Tensor,
-        teacher_logits: Callable[[Tensor], Tensor],
-        div: Divergence,
+        chunk_loss: ChunkLoss,
         chunk_size: int,
         vocab: int,
-        num_items: int | float | Tensor,
     ) -> Tensor:
         want = (
             bool(ctx.needs_input_grad[0]),
             bool(ctx.needs_input_grad[1]),
             bias is not None and bool(ctx.needs_input_grad[2]),
         )
-        total, grad_h, grad_w, grad_b = _chunk_loop(
-            hidden, weight, bias, teacher_hidden, teacher_logits, div, chunk_size, vocab, num_items, want
-        )
+        total, grad_h, grad_w, grad_b = _chunk_loop(hidden, weight, bias, chunk_loss, chunk_size, vocab, want)
         ctx.grads = (grad_h, grad_w, grad_b)
         return total
 
@@ -320,7 +326,78 @@ class _ChunkedTokenKD(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
         ctx.grads = None  # free the kept gradients with the graph
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None)
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _checked_student(student_hidden: Tensor, student_head: nn.Module | Tensor, labels: Tensor) -> tuple[
+    Tensor, Tensor | None
+]:
+    if student_hidden.dim() != 3 or student_hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"student hidden states must be [B, T, D] matching labels [B, T], got {tuple(student_hidden.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    weight, bias = _student_head(student_head)
+    if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(
+            f"student head weight must be [V, {student_hidden.shape[-1]}] for hidden width "
+            f"{student_hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    return weight, bias
+
+
+def _run_chunks(
+    s: Tensor, weight: Tensor, bias: Tensor | None, chunk_loss: ChunkLoss, chunk_size: int, vocab: int
+) -> Tensor:
+    """The chunked loss of the selected student rows ``s`` ``[N, D]``, through the custom autograd function when a
+    gradient is needed."""
+    needs_grad = torch.is_grad_enabled() and (
+        s.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        return _chunk_loop(s, weight, bias, chunk_loss, chunk_size, vocab, (False,) * 3)[0]
+    out = _ChunkedTokenKD.apply(s, weight, bias, chunk_loss, chunk_size, vocab)
+    return out  # type: ignore[no-any-return]
+
+
+def select_token_weights(
+    token_weights: Tensor | None, labels: Tensor, mask: Tensor, *, shift: bool = True
+) -> Tensor | None:
+    """Per-target-token weights ``[N]`` in the order the losses select target positions.
+
+    Args:
+        token_weights: ``None``; or ``[B, T]`` aligned with ``labels`` (the weight of the target token
+            ``labels[b, t]``; entries where the label is ignored are not read); or ``[N]``, one per target token
+            in row-major order of the target positions.
+        labels: ``[B, T]``.
+        mask: The :func:`target_mask` of ``labels``.
+        shift: Whether ``mask`` was taken with the causal shift.
+
+    Returns:
+        ``None`` or a detached floating tensor ``[N]``.
+    """
+    if token_weights is None:
+        return None
+    if not token_weights.is_floating_point():
+        raise ValueError(f"token_weights must be a floating-point tensor, got {token_weights.dtype}")
+    count = int(mask.sum())
+    w = token_weights.detach()
+    if w.shape == labels.shape:
+        w = (w[:, 1:] if shift else w)[mask]
+    elif w.dim() != 1 or w.shape[0] != count:
+        raise ValueError(
+            f"token_weights must be [B, T] like labels {tuple(labels.shape)} or [N] with N = {count} target "
+            f"tokens, got {tuple(token_weights.shape)}"
+        )
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("token_weights must be finite and >= 0")
+    return w
 
 
 def token_kd(
@@ -334,6 +411,7 @@ def token_kd(
     num_items: NumItems = None,
     chunk_size: int = 1024,
     vocab_size: int | None = None,
+    token_weights: Tensor | None = None,
     shift: bool = True,
     ignore_index: int = -100,
 ) -> Tensor:
@@ -358,6 +436,10 @@ def token_kd(
         chunk_size: Target positions per chunk (> 0).
         vocab_size: The shared tokenizer's length, when the output sizes differ by padded rows
             (:func:`mentor.lm.vocab.shared_vocab_size`).
+        token_weights: Optional per-token weights ``w`` (``[B, T]`` aligned with ``labels``, or ``[N]``; see
+            :func:`select_token_weights`), for example :func:`mentor.lm.weighting.uncertainty_weights`. The loss
+            becomes ``sum_i w_i * divergence_i / num_items`` (a weighted **sum** over the normaliser, not a weighted
+            mean: weights of mean 1 keep the scale). Weights are constants (no gradient through them).
         shift: Causal-LM shift (see :func:`target_mask`).
         ignore_index: The label of a position without a target.
 
@@ -365,24 +447,13 @@ def token_kd(
         A scalar tensor (float32, or float64 for float64 hidden states). Its backward is not differentiable again.
     """
     div = _resolve_divergence(divergence)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if student_hidden.dim() != 3 or teacher_hidden.dim() != 3:
-        raise ValueError(
-            f"hidden states must be [B, T, D], got student {tuple(student_hidden.shape)}, teacher "
-            f"{tuple(teacher_hidden.shape)}"
-        )
-    if student_hidden.shape[:2] != labels.shape or teacher_hidden.shape[:2] != labels.shape:
+    chunk = _check_chunk_size(chunk_size)
+    if teacher_hidden.dim() != 3 or teacher_hidden.shape[:2] != labels.shape:
         raise ValueError(
             f"hidden states [B, T, D] must match labels [B, T]: student {tuple(student_hidden.shape)}, teacher "
             f"{tuple(teacher_hidden.shape)}, labels {tuple(labels.shape)}"
         )
-    weight, bias = _student_head(student_head)
-    if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(
-            f"student head weight must be [V, {student_hidden.shape[-1]}] for hidden width "
-            f"{student_hidden.shape[-1]}, got {tuple(weight.shape)}"
-        )
+    weight, bias = _checked_student(student_hidden, student_head, labels)
     teacher_logits, teacher_size = _teacher_head(teacher_head)
     mask = target_mask(labels, shift=shift, ignore_index=ignore_index)
     s = (student_hidden[:, :-1] if shift else student_hidden)[mask]  # [N, Ds]
@@ -394,10 +465,141 @@ def token_kd(
     vocab = shared_vocab_size(weight.shape[0], teacher_size, vocab_size)
     _check_targets(labels, mask, shift, vocab)
     norm = _normaliser(num_items, s.shape[0])
-    needs_grad = torch.is_grad_enabled() and (
-        s.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    w = select_token_weights(token_weights, labels, mask, shift=shift)
+
+    def chunk_loss(logits: Tensor, start: int, stop: int) -> Tensor:
+        with torch.no_grad():
+            target = teacher_logits(t[start:stop])[:, :vocab]
+        weights = None if w is None else w[start:stop]
+        return div(logits, target, num_items=norm, mask=weights)
+
+    return _run_chunks(s, weight, bias, chunk_loss, chunk, vocab)
+
+
+def _check_topk(teacher_values: Tensor, teacher_indices: Tensor, labels: Tensor) -> None:
+    if teacher_values.shape != teacher_indices.shape or teacher_values.dim() != 3:
+        raise ValueError(
+            f"teacher_values and teacher_indices must both be [B, T, k], got {tuple(teacher_values.shape)} and "
+            f"{tuple(teacher_indices.shape)}"
+        )
+    if teacher_values.shape[:2] != labels.shape:
+        raise ValueError(
+            f"teacher top-k [B, T, k] {tuple(teacher_values.shape)} must match labels [B, T] {tuple(labels.shape)}"
+        )
+
+
+def _check_indices(indices: Tensor, vocab: int) -> None:
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
+        raise ValueError(
+            f"teacher_indices must lie in [0, {vocab}) (the student's compared vocabulary), got indices in "
+            f"[{int(indices.min())}, {int(indices.max())}]"
+        )
+
+
+def token_kd_topk(
+    student_hidden: Tensor,
+    student_head: nn.Module | Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    labels: Tensor,
+    *,
+    tail: str = "rest",
+    temperature: float = 1.0,
+    num_items: NumItems = None,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+    token_weights: Tensor | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Token-level KD from a sparse (top-k) teacher, as stored by :mod:`mentor.cache`, chunked like
+    :func:`token_kd`.
+
+    Per target position the divergence is :func:`mentor.losses.sparse_kl_div` between the teacher's top-k
+    log-probabilities (normalised over the full vocabulary, so the dropped mass is ``1 - sum(exp(values))``) and
+    the student's full distribution; ``tail`` picks how the dropped classes count (``"rest"``: one bucket holding
+    the dropped mass; ``"renormalize"``: the top-k renormalised). With ``k`` equal to the vocabulary it is the full
+    forward KL. Sparse targets and their bias: Anshumann et al. 2025, https://arxiv.org/abs/2503.16870.
+
+    The teacher arrays are aligned with the student's positions, like logits: ``teacher_values[b, t]`` describes
+    the teacher's prediction at position ``t`` (of token ``t + 1`` under ``shift``), which is what a sequence item
+    of the cache holds (an item of ``L`` tokens -> ``[L, k]``).
+
+    Args:
+        student_hidden: ``[B, T, Ds]`` final hidden states.
+        student_head: ``nn.Linear`` ``Ds -> Vs`` or its weight ``[Vs, Ds]``.
+        teacher_values: ``[B, T, k]`` teacher log-probabilities (any float dtype; fp16 from the cache is fine).
+        teacher_indices: ``[B, T, k]`` token ids of those values (any integer dtype).
+        labels: ``[B, T]``, ``ignore_index`` where there is no target.
+        tail: ``"rest"`` or ``"renormalize"`` (see :func:`mentor.losses.sparse_kl_div`).
+        temperature: Softmax temperature (> 0); the result is scaled by ``T^2``.
+        num_items: Normaliser: target tokens in the whole optimizer step.
+        chunk_size: Target positions per chunk (> 0).
+        vocab_size: Compare over the first ``vocab_size`` student logits (padded output rows); the teacher's indices
+            must lie below it.
+        token_weights: Optional per-token weights (as in :func:`token_kd`).
+        shift: Causal-LM shift.
+        ignore_index: The label of a position without a target.
+
+    Returns:
+        A scalar tensor.
+    """
+    chunk = _check_chunk_size(chunk_size)
+    _check_topk(teacher_values, teacher_indices, labels)
+    weight, bias = _checked_student(student_hidden, student_head, labels)
+    vocab = shared_vocab_size(weight.shape[0], weight.shape[0] if vocab_size is None else vocab_size, vocab_size)
+    mask = target_mask(labels, shift=shift, ignore_index=ignore_index)
+    _check_targets(labels, mask, shift, vocab)
+    s = (student_hidden[:, :-1] if shift else student_hidden)[mask]
+    values = (teacher_values[:, :-1] if shift else teacher_values)[mask].detach()
+    indices = (teacher_indices[:, :-1] if shift else teacher_indices)[mask]
+    _check_indices(indices, vocab)
+    indices = indices.long()
+    norm = _normaliser(num_items, s.shape[0])
+    w = select_token_weights(token_weights, labels, mask, shift=shift)
+
+    def chunk_loss(logits: Tensor, start: int, stop: int) -> Tensor:
+        weights = None if w is None else w[start:stop]
+        return losses.sparse_kl_div(
+            logits, values[start:stop], indices[start:stop], tail=tail, temperature=temperature,
+            mask=weights, num_items=norm,
+        )
+
+    return _run_chunks(s, weight, bias, chunk_loss, chunk, vocab)
+
+
+def token_kd_topk_from_logits(
+    student_logits: Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    labels: Tensor,
+    *,
+    tail: str = "rest",
+    temperature: float = 1.0,
+    num_items: NumItems = None,
+    vocab_size: int | None = None,
+    token_weights: Tensor | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+) -> Tensor:
+    """:func:`token_kd_topk` from full student logits ``[B, T, Vs]`` (not chunked): its reference, and the cheaper
+    call when the logits exist. Arguments as in :func:`token_kd_topk`."""
+    _check_topk(teacher_values, teacher_indices, labels)
+    if student_logits.dim() != 3 or student_logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"student logits must be [B, T, V] matching labels [B, T], got {tuple(student_logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    size = student_logits.shape[-1]
+    vocab = shared_vocab_size(size, size if vocab_size is None else vocab_size, vocab_size)
+    mask = target_mask(labels, shift=shift, ignore_index=ignore_index)
+    _check_targets(labels, mask, shift, vocab)
+    s = (student_logits[:, :-1] if shift else student_logits)[mask][:, :vocab]
+    values = (teacher_values[:, :-1] if shift else teacher_values)[mask].detach()
+    indices = (teacher_indices[:, :-1] if shift else teacher_indices)[mask]
+    _check_indices(indices, vocab)
+    w = select_token_weights(token_weights, labels, mask, shift=shift)
+    return losses.sparse_kl_div(
+        s, values, indices.long(), tail=tail, temperature=temperature, mask=w,
+        num_items=_normaliser(num_items, s.shape[0]),
     )
-    if not needs_grad:
-        return _chunk_loop(s, weight, bias, t, teacher_logits, div, int(chunk_size), vocab, norm, (False,) * 3)[0]
-    out = _ChunkedTokenKD.apply(s, weight, bias, t, teacher_logits, div, int(chunk_size), vocab, norm)
-    return out  # type: ignore[no-any-return]

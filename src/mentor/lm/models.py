@@ -118,13 +118,20 @@ def output_size(model: PreTrainedModel) -> int:
     return int(output_head(model).out_features)
 
 
-def final_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+def final_hidden(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> Tensor:
     """The decoder's final hidden states (after the final norm), without computing logits.
 
     Args:
         model: A Hugging Face causal LM (``...ForCausalLM``).
         input_ids: ``[B, T]``.
         attention_mask: ``[B, T]``, 1 on real tokens.
+        position_ids: ``[B, T]``, optional (``mentor.lm.generate.Generation.position_ids`` for left-padded
+            prompts; rotary models give the same result either way, models with absolute positions do not).
 
     Returns:
         ``[B, T, D]``; ``output_head(model)(final_hidden(...))`` equals the model's logits.
@@ -132,5 +139,6 @@ def final_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tens
     base = model.base_model
     if base is model:
         raise TypeError(f"{type(model).__name__} has no separate decoder (base_model) to run without its head")
-    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state  # type: ignore[no-any-return]

@@ -12,18 +12,31 @@ from mentor.recipes.attention_transfer import attention_transfer
 from mentor.recipes.born_again import born_again
 from mentor.recipes.dist import dist
 from mentor.recipes.dkd import dkd
+from mentor.recipes.dml import Cohort, dml
 from mentor.recipes.feature_regression import feature_regression
 from mentor.recipes.fitnet import fitnet
+from mentor.recipes.fixmatch import fixmatch
+from mentor.recipes.flexmatch import flexmatch
+from mentor.recipes.freematch import freematch
 from mentor.recipes.hard_label_kd import hard_label_kd
 from mentor.recipes.hinton_kd import hinton_kd
 from mentor.recipes.ltd import ltd
+from mentor.recipes.mean_teacher import mean_teacher
+from mentor.recipes.multi_teacher import multi_teacher
+from mentor.recipes.noisy_student import noisy_student
+from mentor.recipes.ofa import ofa
 from mentor.recipes.rkd import rkd
 from mentor.recipes.similarity_preserving import similarity_preserving
+from mentor.recipes.simkd import simkd, simkd_student
+from mentor.recipes.softmatch import softmatch
 from mentor.recipes.supervised import supervised
 from mentor.recipes.transfer_kd import transfer_kd
 
-__all__ = ["RECIPES", "attention_transfer", "born_again", "build_recipe", "dist", "dkd", "feature_regression",
-           "fitnet", "hard_label_kd", "hinton_kd", "ltd", "rkd", "similarity_preserving", "supervised", "transfer_kd"]
+__all__ = ["RECIPES", "Cohort", "dml", "multi_teacher", "noisy_student",
+           "attention_transfer", "born_again", "build_recipe", "dist", "dkd", "feature_regression",
+           "fitnet", "hard_label_kd", "hinton_kd", "ltd", "ofa", "rkd", "similarity_preserving", "simkd",
+           "simkd_student", "supervised", "transfer_kd", "mean_teacher", "fixmatch", "flexmatch", "freematch",
+           "softmatch"]
 
 RECIPES: Mapping[str, Callable[..., Method]] = {
     "supervised": supervised,
@@ -38,7 +51,17 @@ RECIPES: Mapping[str, Callable[..., Method]] = {
     "similarity_preserving": similarity_preserving,
     "dkd": dkd,
     "dist": dist,
+    "ofa": ofa,
+    "simkd": simkd,
     "feature_regression": feature_regression,
+    "dml": dml,
+    "multi_teacher": multi_teacher,
+    "noisy_student": noisy_student,
+    "mean_teacher": mean_teacher,
+    "fixmatch": fixmatch,
+    "flexmatch": flexmatch,
+    "freematch": freematch,
+    "softmatch": softmatch,
 }
 
 
