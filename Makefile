@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/quant_mnist1d.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/mvq.py
+	$(BIN)/python bench/online.py --noisy
 
 bench-quick: install
 	$(BIN)/python bench/overhead.py --quick
@@ -51,6 +52,7 @@ bench-quick: install
 	$(BIN)/python bench/quant_mnist1d.py --quick
 	$(BIN)/python bench/cache.py --quick
 	$(BIN)/python bench/mvq.py --quick
+	$(BIN)/python bench/online.py --quick --noisy
 
 lint: install
 	$(BIN)/ruff check src tests bench

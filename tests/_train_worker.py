@@ -94,6 +94,12 @@ def build(case: str) -> tuple[nn.Module, Any, Any, Any, Any]:
         teacher = teachers.Frozen(poisoned)
         data = make_data(64, dim, classes, unlabelled=0.5, dtype=torch.float64)
         return student, teacher, recipes.hinton_kd(temperature=2.0, alpha=0.5), data, Optim(lr=1e-2)
+    if case == "lm_gkd":  # tests/test_lm_loop.py: on-policy GKD on tiny float64 Llamas
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from test_lm_loop import _data, _model
+
+        return (_model(1), teachers.Frozen(_model(100)), recipes.gkd(lmbda=1.0, beta=0.5, max_new_tokens=4),
+                _data(32), Optim(lr=1e-2))
     raise ValueError(f"unknown case {case!r}")
 
 

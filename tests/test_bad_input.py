@@ -403,7 +403,7 @@ def test_unknown_model_name(tmp_path: Path, fake_data: None) -> None:
         run(cfg, report=False)
     msg = str(info.value)
     assert "student.model" in msg
-    assert "'resnet9000' is neither a built-in name (mlp, cnn, gru) nor a dotted path" in msg
+    assert "'resnet9000' is neither a built-in name (mlp, cnn, gru, tiny_llama) nor a dotted path" in msg
     assert not run_dir(tmp_path).exists()
 
 

@@ -401,3 +401,14 @@ def test_noisy_student_generations_chain_exact_weights(tmp_path: Path) -> None:
     # gen0 trained on the 100 labelled items alone, for as many steps as a generation (200 items / 50 per step).
     rows = [json.loads(line) for line in (out / "gen0" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 4
+
+
+def test_noisy_student_with_a_semi_supervised_pool_labels_the_whole_pool(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "ns_semi", {"name": "noisy_student", "args": {"generations": 1, "hard": True}},
+               data={"num_labelled": 100, "train": "semi", "unlabelled": "rest"})
+    cfg["train"]["max_steps"] = 3
+    result = run(config_from_dict(cfg), report=False)
+    stored = load_file(str(tmp_path / "ns_semi" / "gen1" / "pseudo_labels.safetensors"))["log_probs"]
+    assert stored.shape == (4000, 10)  # 100 labelled items + the other 3900 training items
+    assert bool((stored.exp().sum(dim=1) == 1).all())  # hard pseudo-labels and labels: one-hot rows
+    assert [r.steps for r in result.generations] == [3, 3]

@@ -19,8 +19,16 @@ _COLUMNS = [("name", "student"), ("accuracy", "accuracy"), ("agreement", "agreem
             ("kl_to_teacher", "KL(t||s)"), ("ece", "ECE"), ("params", "params"), ("latency_ms", "latency ms/batch")]
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = _COLUMNS) -> str:
-    """A plain-text table of ``rows`` (missing values print as ``-``)."""
+_LM_COLUMNS = [("name", "student"), ("exact_match", "exact match"), ("perplexity", "perplexity"),
+               ("token_accuracy", "token acc."), ("agreement", "agreement"), ("kl_to_teacher", "KL(t||s)/token"),
+               ("params", "params"), ("latency_ms", "latency ms/batch")]
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] | None = None) -> str:
+    """A plain-text table of ``rows`` (missing values print as ``-``); by default the classification columns, or
+    the language-model ones (exact match, perplexity, ...) when the rows have a perplexity."""
+    if columns is None:
+        columns = _LM_COLUMNS if any("perplexity" in r for r in rows) else _COLUMNS
 
     def cell(value: Any) -> str:
         if value is None:

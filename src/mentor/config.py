@@ -49,9 +49,16 @@ class DataConfig(_Strict):
     unlabelled pool drawn separately, ``mu`` pool items per labelled item in every batch (``mu`` defaults to 7).
     ``unlabelled`` picks the pool: ``rest`` (the other training items, labels removed) or ``transfer``
     (``transfer_size`` generated items with ``transfer_seed``).
+
+    Language models (:mod:`mentor.lm.loop`; the ``lm`` extra): ``lm_arithmetic`` (``"12+7="`` -> ``"19"``) and
+    ``lm_reversal`` (``"reverse abc:"`` -> ``"cba"``) are built-in prompt/answer tasks of ``num_train`` training and
+    ``num_test`` held-out prompts drawn with ``task_seed`` (``max_operand``, ``ops``: the arithmetic's operands and
+    operators); ``lm_stdlib`` is the standard library's docstrings packed into blocks of ``block_size`` tokens
+    (``num_train`` / ``num_test`` blocks at most, all by default). All use the built-in byte-level BPE tokenizer of
+    ``vocab_size`` tokens; ``max_new_tokens`` is the longest answer generated in evaluation (exact match).
     """
 
-    name: Literal["mnist1d"] = "mnist1d"
+    name: Literal["mnist1d", "lm_arithmetic", "lm_reversal", "lm_stdlib"] = "mnist1d"
     train: Literal["labelled", "transfer", "both", "semi"] = "labelled"
     num_labelled: int = Field(4000, ge=1, le=4000)
     transfer_size: int = Field(50000, ge=1)
@@ -59,9 +66,39 @@ class DataConfig(_Strict):
     unlabelled: Literal["rest", "transfer"] = "rest"
     mu: int | None = Field(None, ge=1)
     split_seed: int = Field(0, ge=0)
+    num_train: int | None = Field(None, ge=1)
+    num_test: int | None = Field(None, ge=1)
+    task_seed: int | None = Field(None, ge=0)
+    max_operand: int | None = Field(None, ge=0)
+    ops: str | None = None
+    vocab_size: int | None = Field(None, ge=260)
+    block_size: int | None = Field(None, ge=2)
+    max_new_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _semi(self) -> DataConfig:
+        lm_keys = ("num_train", "num_test", "task_seed", "max_operand", "ops", "vocab_size", "block_size",
+                   "max_new_tokens")
+        if self.name == "mnist1d":
+            given = [k for k in lm_keys if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"data.{given[0]} = {getattr(self, given[0])!r} applies to the language-model data "
+                                 "(data.name lm_arithmetic, lm_reversal or lm_stdlib), not to data.name = 'mnist1d'")
+        else:
+            if self.train != "labelled":
+                raise ValueError(f"data.train = {self.train!r} applies to mnist1d; language-model data "
+                                 f"(data.name = {self.name!r}) trains on its own training split: leave data.train out")
+            if self.ops is not None and (not self.ops or set(self.ops) - set("+-*")):
+                raise ValueError(f"data.ops = {self.ops!r}: expected a non-empty subset of '+-*'")
+            if self.name != "lm_arithmetic":
+                for key in ("max_operand", "ops"):
+                    if getattr(self, key) is not None:
+                        raise ValueError(f"data.{key} applies to data.name = 'lm_arithmetic', not {self.name!r}")
+            if self.name != "lm_stdlib" and self.block_size is not None:
+                raise ValueError(f"data.block_size applies to data.name = 'lm_stdlib', not {self.name!r}")
+            if self.name == "lm_stdlib" and (self.task_seed is not None or self.max_new_tokens is not None):
+                raise ValueError("data.task_seed and data.max_new_tokens apply to the prompt tasks "
+                                 "(lm_arithmetic, lm_reversal), not to data.name = 'lm_stdlib'")
         if self.train != "semi":
             if self.mu is not None:
                 raise ValueError(f"data.mu = {self.mu} applies to data.train = 'semi' (labelled items plus an "
@@ -342,6 +379,23 @@ def _check_recipe(cfg: RunConfig) -> None:
     if cfg.recipe.name == "noisy_student" and cfg.teacher is not None and (cfg.teacher.runs or cfg.teacher.cache):
         raise ConfigError("recipe 'noisy_student' pseudo-labels the training items with one teacher network: set "
                           "'teacher.run' or 'teacher.checkpoint' (not 'runs' or 'cache'), or no teacher")
+    if cfg.recipe.name == "seq_kd" and (cfg.teacher is None or (cfg.teacher.run is None
+                                                                and cfg.teacher.checkpoint is None)):
+        raise ConfigError("recipe 'seq_kd' trains on the teacher's generated answers, which needs the teacher "
+                          "network: set 'teacher.run' or 'teacher.checkpoint'")
+    if method.batch_hook is not None and cfg.teacher is not None and cfg.teacher.cache is not None:
+        raise ConfigError(f"recipe {cfg.recipe.name!r} trains on new (on-policy) sequences, which a teacher cache "
+                          "cannot score: remove 'teacher.cache' and give the teacher network ('teacher.run')")
+    lm_recipe = cfg.recipe.name in ("lm_kd", "seq_kd", "gkd", "skd", "reverse_kl_on_policy")
+    if lm_recipe and not cfg.data.name.startswith("lm_"):
+        raise ConfigError(f"recipe {cfg.recipe.name!r} distils a language model: expected data.name lm_arithmetic, "
+                          f"lm_reversal or lm_stdlib, got {cfg.data.name!r}")
+    if cfg.recipe.name == "seq_kd" and cfg.data.name == "lm_stdlib":
+        raise ConfigError("recipe 'seq_kd' continues the training prompts, but data.name = 'lm_stdlib' has none: "
+                          "expected a prompt task (lm_arithmetic, lm_reversal)")
+    if method.batch_hook is not None and cfg.data.name == "lm_stdlib":
+        raise ConfigError(f"recipe {cfg.recipe.name!r} samples continuations of the training prompts, but "
+                          "data.name = 'lm_stdlib' has none: expected a prompt task (lm_arithmetic, lm_reversal)")
     if cfg.recipe.name == "dml" and cfg.teacher is not None:
         raise ConfigError("recipe 'dml' trains peers from each other and the labels: remove 'teacher' (or add a "
                           "teacher's terms to a single student with another recipe)")

@@ -39,7 +39,9 @@ _STANDARD_SEED = 42
 class TensorData:
     """An in-memory dataset: inputs ``x`` of shape ``[N, ...]`` and integer labels ``y`` of shape ``[N]``.
 
-    Unlabelled items carry :data:`UNLABELLED` (``-1``).
+    Unlabelled items carry :data:`UNLABELLED` (``-1``). Sequence data (language models) has labels ``[N, T]``, one
+    per position, already shifted for next-token prediction (``y[:, t]`` is the token after position ``t``); any
+    negative label (``-100`` by the Hugging Face convention) marks a position without a target.
     """
 
     x: Tensor
@@ -48,8 +50,9 @@ class TensorData:
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"x has {self.x.shape[0]} items but y has {self.y.shape[0]}")
-        if self.y.dim() != 1 or self.y.is_floating_point():
-            raise ValueError(f"y must be a 1-D integer tensor, got shape {tuple(self.y.shape)} dtype {self.y.dtype}")
+        if self.y.dim() not in (1, 2) or self.y.is_floating_point() or self.y.dtype == torch.bool:
+            raise ValueError(f"y must be an integer tensor [N] (or [N, T] per position), got shape "
+                             f"{tuple(self.y.shape)} dtype {self.y.dtype}")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -76,7 +79,9 @@ class TensorData:
 
     @property
     def num_labelled(self) -> int:
-        return int((self.y >= 0).sum())
+        """Items with a label (sequences: with at least one target position)."""
+        known = self.y >= 0
+        return int((known.any(dim=1) if known.dim() > 1 else known).sum())
 
 
 def check_data(data: TensorData, name: str, num_classes: int | None = None) -> None:
@@ -89,7 +94,8 @@ def check_data(data: TensorData, name: str, num_classes: int | None = None) -> N
             row = int(bad.reshape(len(data), -1).any(dim=1).nonzero()[0, 0])
             raise ValueError(f"{name} has NaN or inf in its inputs (first at item {row}); expected finite values")
     if num_classes is not None:
-        labels = data.y[data.y != UNLABELLED]
+        # sequences: any negative label is a position without a target; items: only UNLABELLED is allowed
+        labels = data.y[data.y >= 0] if data.y.dim() > 1 else data.y[data.y != UNLABELLED]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             bad_label = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
             raise ValueError(

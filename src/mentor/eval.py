@@ -106,8 +106,17 @@ def evaluate(
     Returns:
         ``accuracy`` and ``ece`` (over labelled items), ``agreement`` (top-1 agreement with the teacher) and
         ``kl_to_teacher`` when a teacher is given, ``params``, and ``latency_ms`` (one batch of ``batch_size``)
-        when ``timing``.
+        when ``timing``. For sequence data (labels ``[N, T]``, language models) the metrics of
+        :func:`mentor.lm.loop.evaluate_lm` instead: perplexity, token accuracy, token agreement and KL with the
+        teacher on target positions, exact match on a prompt task.
     """
+    if data.y.dim() > 1:
+        from mentor.lm.loop import evaluate_lm
+
+        lm_result = evaluate_lm(model, data, teacher, batch_size=min(batch_size, 256), device=device)
+        if timing:
+            lm_result["latency_ms"] = latency_ms(model, data.x[:batch_size].to(device))
+        return lm_result
     logits = predict(model, data, batch_size, device)
     labels = data.y
     labelled = labels != UNLABELLED

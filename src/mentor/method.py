@@ -24,10 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mentor.data import UNLABELLED
 from mentor.schedules import Product, Schedule, as_schedule
 
-__all__ = ["Feature", "Term", "Method", "Weigh", "compute_terms"]
+__all__ = ["BatchContext", "Feature", "Term", "Method", "Weigh", "compute_terms"]
 
 Items = Literal["all", "labelled", "unlabelled"]
 ITEMS = ("all", "labelled", "unlabelled")
@@ -204,6 +203,37 @@ class Feature:
 
 
 @dataclass(frozen=True)
+class BatchContext:
+    """What a :attr:`Method.batch_hook` gets besides the micro-batch.
+
+    Attributes:
+        student: The student (unwrapped, not the data-parallel wrapper), in training mode; a hook that runs it
+            puts it in eval mode for the time it needs (as :func:`mentor.lm.generate.sample` does).
+        teacher: The run's teacher (``None`` without one).
+        step: The optimiser step (counting from 0).
+        micro: The micro-batch's number within the step on this process (``0 .. grad_accum - 1``).
+        rank: The process's rank.
+        seed: The run seed.
+        world: The number of processes. ``micro * world + rank`` numbers the step's micro-batches globally, in
+            the loop's order: the same chunk of the global batch has the same number whether ``grad_accum * world``
+            micro-batches run in one process or are spread over several.
+    """
+
+    student: Any
+    teacher: Any
+    step: int
+    micro: int
+    rank: int
+    seed: int
+    world: int = 1
+
+    @property
+    def chunk(self) -> int:
+        """The micro-batch's number among all micro-batches of the step, over all processes."""
+        return self.micro * self.world + self.rank
+
+
+@dataclass(frozen=True)
 class Method:
     """A teacher-student method.
 
@@ -220,6 +250,12 @@ class Method:
             item by ``(run seed, epoch, item index, view)``; ``None``: both see the batch as it is.
         supervised_view: What the student sees of *labelled* items: ``"student"`` (its own view, as Mean Teacher)
             or ``"teacher"`` (the teacher's view: FixMatch's weakly augmented labelled batch).
+        batch_hook: Replaces a micro-batch before the teacher's and the student's forwards:
+            ``batch_hook(x, y, context) -> (x, y)`` with a :class:`BatchContext`, called under ``torch.no_grad()``
+            for every micro-batch of a step before any forward of that step, so the terms' normalisers count the
+            replaced labels (on-policy language-model distillation: the student's own samples, see
+            :class:`mentor.lm.loop.OnPolicy`). It must depend only on its arguments (seeded by step, micro-batch
+            and rank), so a resumed run replaces the same batches.
     """
 
     name: str
@@ -230,6 +266,7 @@ class Method:
     teacher: Callable[[Any], Any] | None = None
     views: Any = None
     supervised_view: Literal["student", "teacher"] = "student"
+    batch_hook: Callable[[Tensor, Tensor, BatchContext], tuple[Tensor, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -264,6 +301,9 @@ class Method:
         """This method with ``other``'s terms added (``"dkd + fitnet"``), each weighted by ``weight`` on top of its
         own weight; ``other``'s terms whose names this method already has (its own ``"ce"``, say) are left out, and
         its features join this method's (a feature name used by both must name the same taps)."""
+        if other.batch_hook is not None and other.batch_hook != self.batch_hook:
+            raise ValueError(f"method {other.name!r} replaces its batches (batch_hook, on-policy samples), so it can "
+                             f"only be the main method, not added to {self.name!r}")
         scale = as_schedule(weight)
         have = {t.name for t in self.terms}
         added = tuple(dataclasses.replace(t, weight=Product(t.weight, scale))  # type: ignore[arg-type]
@@ -286,13 +326,15 @@ def term_mask(term: Term, labels: Tensor) -> Tensor | None:
     """The items a term covers in a batch with ``labels`` (``None``: all).
 
     A term whose target is the label itself gets no mask: the unlabelled marker is in the target, and a loss
-    against labels drops negative labels by contract (see :func:`mentor.losses.cross_entropy`).
+    against labels drops negative labels by contract (see :func:`mentor.losses.cross_entropy`). Any negative label
+    means "no target" (:data:`~mentor.data.UNLABELLED` for items, ``-100`` for the positions of sequence labels
+    ``[B, T]``, whose mask is then per position).
     """
     if term.items == "unlabelled":
-        return labels == UNLABELLED
+        return labels < 0
     if term.items != "labelled" or term.target == "label":
         return None
-    return labels != UNLABELLED
+    return labels >= 0
 
 
 def _weighting_owner(method: Method, term: Term) -> Term | None:
@@ -331,6 +373,13 @@ def _source(
     if source not in student:
         raise KeyError(f"term {term.name!r} needs student output {source!r}; have {sorted(student)}")
     return student[source]
+
+
+def _positions(value: Tensor, keep: Tensor) -> Tensor:
+    """``value[keep]`` for a tensor indexed by the positions ``keep`` (``[B, T, ...]``); anything else as it is."""
+    if isinstance(value, Tensor) and value.shape[: keep.dim()] == keep.shape:
+        return value[keep]
+    return value
 
 
 def compute_terms(
@@ -387,12 +436,19 @@ def compute_terms(
             if weighed is not None:
                 w = weighed["weights"]
                 mask = w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-            value = term.loss(student[term.student], target, mask=mask, num_items=n, **extra, **term.kwargs)
+            if labels.dim() > 1 and weighed is None and term.items == "labelled":
+                # Sequences: the loss over the target positions only. The same sum as with the mask (a boolean
+                # mask drops items exactly), without computing it at the positions it would drop.
+                keep = labels >= 0
+                value = term.loss(*(_positions(v, keep) for v in (student[term.student], target)), num_items=n,
+                                  **{k: _positions(v, keep) for k, v in extra.items()}, **term.kwargs)
+            else:
+                value = term.loss(student[term.student], target, mask=mask, num_items=n, **extra, **term.kwargs)
         else:
             inputs = {"_s": student[term.student], "_t": target, **extra}
             covered = labels.shape[0]
             if term.items != "all":
-                labelled = labels != UNLABELLED if labelled is None else labelled
+                labelled = labels >= 0 if labelled is None else labelled
                 keep = labelled if term.items == "labelled" else ~labelled
                 covered = int(keep.sum())
                 per_item = {"_s", *(k for k, src in term.extra.items()

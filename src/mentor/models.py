@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "CNN1d", "GRUClassifier", "BUILTIN_MODELS", "build_model", "count_parameters"]
+__all__ = ["MLP", "CNN1d", "GRUClassifier", "BUILTIN_MODELS", "build_model", "count_parameters", "tiny_llama"]
 
 
 class MLP(nn.Module):
@@ -99,7 +99,23 @@ class GRUClassifier(nn.Module):
         return self.classifier(h[-1])
 
 
-BUILTIN_MODELS: Mapping[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN1d, "gru": GRUClassifier}
+def tiny_llama(layers: int = 2, width: int = 128, vocab: int = 512, **kwargs: Any) -> nn.Module:
+    """A Llama-style causal LM (:func:`mentor.lm.models.tiny_llama`, needs the ``lm`` extra) for configs.
+
+    Unlike the function it wraps, its weights come from the global generator unless ``seed`` is given (so the
+    run's seed picks the initialisation), and ``use_cache`` defaults to ``False`` (training forwards build no KV
+    cache; :mod:`mentor.lm.generate` asks for one explicitly).
+    """
+    from mentor.lm.models import tiny_llama as build
+
+    if "seed" not in kwargs:
+        kwargs["seed"] = int(torch.randint(0, 2**31 - 1, ()))
+    kwargs.setdefault("use_cache", False)
+    return build(layers, width, vocab, **kwargs)
+
+
+BUILTIN_MODELS: Mapping[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN1d, "gru": GRUClassifier,
+                                                          "tiny_llama": tiny_llama}
 """Short model names accepted wherever a model is named."""
 
 

@@ -340,6 +340,9 @@ def write_report(run_dir: str | Path, *, latency_batch: int = 1000) -> Path:
     cfg = load_config(run_dir / "config.yaml")
     student, teacher_model, teacher_description, notes = _load_models(run_dir, cfg)
     _, test = load_data(cfg)
+    if test.y.dim() > 1:  # a language model: per-token metrics and generation samples
+        return _write_lm_report(run_dir, cfg, rows, config_text, student, teacher_model, teacher_description, notes,
+                                test)
 
     frozen = Frozen(teacher_model) if teacher_model is not None else None
     fresh = evaluate(student, test, frozen, device="cpu")
@@ -418,6 +421,92 @@ def write_report(run_dir: str | Path, *, latency_batch: int = 1000) -> Path:
         *[f"| {_escape_cell(label)} | {value} |" for _, label, value in table],
         "",
     ]
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    lines += ["## Plots", ""]
+    for title, rel in plots:
+        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    lines += ["## Resolved config", "", "```yaml", config_text.rstrip("\n"), "```", ""]
+    report = run_dir / "report.md"
+    atomic.write_text(report, "\n".join(lines))
+    return report
+
+
+_LM_METRICS = (
+    ("exact_match", "exact match (greedy answers, held-out prompts)"),
+    ("perplexity", "perplexity (target tokens)"),
+    ("token_accuracy", "next-token accuracy (target tokens)"),
+    ("agreement", "token agreement with the teacher (top-1)"),
+    ("kl_to_teacher", "KL(teacher ‖ student) per target token"),
+    ("params", "parameters"),
+)
+
+
+def _plot_lm_eval(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Exact match, token accuracy and agreement over evaluations; ``False`` without evaluation rows."""
+    evals = [r for r in rows if r.get("split") == "eval" and _number(r.get("step")) is not None]
+    series = _series(evals, ("exact_match", "token_accuracy", "agreement"), lambda r: float(r["step"]))
+    if not series:
+        return False
+    fig = _new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for key, points in series.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=4, label=key)
+    ax.set_ylim(0.0, 1.02)
+    _finish(fig, ax, path, xlabel="step", ylabel="fraction", title="Evaluation on the held-out split")
+    return True
+
+
+def _write_lm_report(
+    run_dir: Path, cfg: Any, rows: Sequence[Mapping[str, Any]], config_text: str, student: nn.Module,
+    teacher_model: nn.Module | None, teacher_description: str, notes: list[str], test: Any, samples: int = 8,
+) -> Path:
+    """``report.md`` of a language-model run: the per-token metrics, plots, and a few greedy generations."""
+    from mentor.lm.loop import LMData, evaluate_lm, greedy_answers
+    from mentor.teachers import Frozen
+
+    recorded, source = _recorded_metrics(run_dir, rows)
+    fresh = evaluate_lm(student, test, Frozen(teacher_model) if teacher_model is not None else None)
+    metrics = {key: recorded.get(key, fresh.get(key)) for key, _ in _LM_METRICS}
+    plots_dir = run_dir / "plots"
+    plots: list[tuple[str, str]] = []
+    if _plot_losses(rows, plots_dir / "loss.png"):
+        plots.append(("Loss terms over steps", "plots/loss.png"))
+    if _plot_lm_eval(rows, plots_dir / "eval.png"):
+        plots.append(("Exact match and token metrics over steps", "plots/eval.png"))
+    lines = [
+        f"# {cfg.name}: {cfg.recipe.name}",
+        "",
+        f"- recipe: `{cfg.recipe.name}`" + (f" ({', '.join(f'{k}={v}' for k, v in cfg.recipe.args.items())})"
+                                            if cfg.recipe.args else ""),
+        f"- student: `{cfg.student.model}`" + (f" {json.dumps(cfg.student.args)}" if cfg.student.args else ""),
+        f"- teacher: {teacher_description}",
+        f"- data: {cfg.data.name}, evaluated on the held-out split ({len(test)} sequences)",
+        "",
+        "## Final evaluation",
+        "",
+        f"From {source}." if source else "From a fresh evaluation of student.safetensors.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {_escape_cell(label)} | {format_value(key, metrics[key]) if metrics[key] is not None else 'n/a'} |"
+          for key, label in _LM_METRICS],
+        "",
+    ]
+    if isinstance(test, LMData) and test.max_new_tokens > 0:
+        from mentor.lm.data import tokenizer
+
+        tok = tokenizer(cfg.data.vocab_size or 512)
+        part = LMData(test.x[:samples], test.y[:samples], eos_id=test.eos_id, pad_id=test.pad_id,
+                      max_new_tokens=test.max_new_tokens)
+        prompts, completions, references = greedy_answers(student, part)
+        lines += ["## Generation samples (greedy, held-out prompts)", "", "| prompt | student | reference | match |",
+                  "|---|---|---|---|"]
+        for p, c, r in zip(prompts, completions, references, strict=True):
+            texts = [str(tok.decode(t, skip_special_tokens=True)) for t in (p, c, r)]
+            lines.append("| " + " | ".join(f"`{_escape_cell(t)}`" for t in texts) + f" | {'yes' if c == r else 'no'} |")
+        lines.append("")
     if notes:
         lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
     lines += ["## Plots", ""]

@@ -48,6 +48,8 @@ class RunResult:
 def load_data(cfg: RunConfig) -> tuple[TensorData, TensorData]:
     """``(train, test)`` as the config's ``data`` section says."""
     d = cfg.data
+    if d.name.startswith("lm_"):
+        return _lm_data(cfg)
     test = mnist1d("test")
     if d.train == "labelled":
         return mnist1d("train", d.num_labelled), test
@@ -58,6 +60,26 @@ def load_data(cfg: RunConfig) -> tuple[TensorData, TensorData]:
         return transfer, test
     labelled = mnist1d("train", d.num_labelled)
     return TensorData(torch.cat([labelled.x, transfer.x]), torch.cat([labelled.y, transfer.y])), test
+
+
+def _lm_data(cfg: RunConfig) -> tuple[TensorData, TensorData]:
+    """The language-model data of ``data.name`` ``lm_*`` (see :mod:`mentor.lm.loop`)."""
+    from mentor.lm.loop import lm_corpus_data, lm_task_data
+
+    d = cfg.data
+    vocab = d.vocab_size or 512
+    if d.name == "lm_stdlib":
+        return lm_corpus_data(block_size=d.block_size or 128, vocab_size=vocab, num_train=d.num_train,
+                              num_test=d.num_test)
+    task_args: dict[str, Any] = {}
+    if d.name == "lm_arithmetic":
+        task_args = {k: v for k, v in (("max_operand", d.max_operand), ("ops", d.ops)) if v is not None}
+    try:
+        return lm_task_data(d.name.removeprefix("lm_"), num_train=d.num_train or 5000, num_test=d.num_test or 200,
+                            seed=d.task_seed or 0, vocab_size=vocab, max_new_tokens=d.max_new_tokens or 8,
+                            **task_args)
+    except ValueError as err:
+        raise ConfigError(f"data ({d.name}): {err}") from None
 
 
 def load_unlabelled(cfg: RunConfig) -> TensorData | None:
@@ -268,7 +290,13 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
             "run without --resume to start afresh"
         )
     train_data, test_data = load_data(cfg)
+    if cfg.recipe.name == "seq_kd":  # the teacher's answers, generated once and cached (mentor.lm.loop)
+        train_data = _seq_kd_data(cfg, teacher_model, train_data)
     pool = load_unlabelled(cfg)
+    if noisy and pool is not None:  # Noisy Student trains on one set: the labelled items plus the pool (mu unused)
+        train_data = TensorData(torch.cat([train_data.x, pool.x]),
+                                torch.cat([train_data.y, torch.full_like(pool.y, UNLABELLED)]))
+        pool = None
     per_step = t.batch_size * t.grad_accum
     if len(train_data) < per_step:
         raise ConfigError(
@@ -369,6 +397,17 @@ def build_ensemble(spec: TeacherConfig, train_data: TensorData) -> Ensemble:
     if spec.combine == "router":
         router = Router(int(train_data.x[0].numel()), len(members), spec.router_hidden, spec.space)
     return Ensemble(members, spec.weights, combine=spec.space, by=by, router=router)
+
+
+def _seq_kd_data(cfg: RunConfig, teacher_model: nn.Module | None, train_data: TensorData) -> TensorData:
+    """Sequence-level KD's training data: the teacher's continuations of the training prompts (cached)."""
+    from mentor.lm.loop import LMData, cached_teacher_sequences
+
+    assert teacher_model is not None and isinstance(train_data, LMData)
+    args = {k: cfg.recipe.args[k] for k in ("max_new_tokens", "temperature") if cfg.recipe.args.get(k) is not None}
+    sampled = float(args.get("temperature", 0.0)) > 0  # greedy answers do not depend on the seed: shared by all
+    data, _ = cached_teacher_sequences(teacher_model, train_data, seed=cfg.seed if sampled else 0, **args)
+    return data
 
 
 def _labelled_items(data: TensorData, per_step: int) -> TensorData:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from mentor import atomic
 from mentor.data import UNLABELLED, TensorData, check_data
 from mentor.eval import evaluate
-from mentor.method import Method, compute_terms
+from mentor.method import BatchContext, Method, compute_terms
 from mentor.semi import SemiData, Weighings, combine
 from mentor.taps import FeaturePairs
 from mentor.teachers import Teacher, as_outputs
@@ -287,21 +287,24 @@ def _micro_batches(index: Tensor, grad_accum: int, world: int, rank: int) -> lis
 def _epoch_item_counts(
     method: Method, labels: Tensor, perm: Tensor, steps: int, global_batch: int
 ) -> list[dict[str, float]]:
-    """Per step of an epoch, the number of items each term covers in the whole global batch (at least 1)."""
-    labelled = [float(global_batch)] * steps
+    """Per step of an epoch, the number of items each term covers in the whole global batch (at least 1).
+
+    With sequence labels ``[N, T]`` the items are positions: a ``"labelled"`` term counts the target positions
+    (labels >= 0) of the global batch, an ``"all"`` term every position."""
+    every = float(global_batch * (labels[0].numel() if labels.dim() > 1 else 1))
+    labelled = [every] * steps
     if method.needs_labels or any(t.items == "unlabelled" for t in method.terms):
-        used = labels[perm[: steps * global_batch]].view(steps, global_batch)
-        labelled = (used != UNLABELLED).sum(dim=1).double().tolist()
+        used = labels[perm[: steps * global_batch]].reshape(steps, -1)
+        labelled = (used >= 0).sum(dim=1).double().tolist()
     return [
-        {t.name: max(labelled[i] if t.items == "labelled" else global_batch - labelled[i]
-                     if t.items == "unlabelled" else float(global_batch), 1.0) for t in method.terms}
+        {t.name: max(labelled[i] if t.items == "labelled" else every - labelled[i]
+                     if t.items == "unlabelled" else every, 1.0) for t in method.terms}
         for i in range(steps)
     ]
 
 
-def _num_items(method: Method, labels: Tensor) -> dict[str, float]:
-    labelled = float((labels != UNLABELLED).sum())
-    every = float(labels.shape[0])
+def _num_items(method: Method, labelled: float, every: float) -> dict[str, float]:
+    """Each term's normaliser from the step's count of labelled items (target positions) and of all items."""
     return {t.name: max(labelled if t.items == "labelled" else every - labelled if t.items == "unlabelled" else every,
                         1.0) for t in method.terms}
 
@@ -480,6 +483,13 @@ def fit(
                          "cannot be tapped with them (not supported)")
     if eval_data is not None:
         check_data(eval_data, "eval data")
+    if method.batch_hook is not None:
+        if getattr(teacher, "needs_index", False) and method.needs_teacher:
+            raise ValueError(f"recipe {method.name!r} replaces its batches (on-policy samples), which a teacher that "
+                             "reads stored outputs by item index (a cache) cannot score: give the teacher network")
+        if method.views is not None or unlabelled is not None:
+            raise ValueError(f"recipe {method.name!r} replaces its batches; views and an unlabelled pool are not "
+                             "supported with it")
 
     random.seed(seed)
     np.random.seed(seed)
@@ -678,9 +688,14 @@ def fit(
     # the next forward); an EMA teacher averages rank 0's, so that every process holds the same teacher.
     sync_buffers = world > 1 and callable(update) and any(True for _ in student.buffers())
 
-    def teacher_pass(micro_index: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
+    def teacher_pass(micro_index: Tensor, batch: tuple[Tensor, Tensor] | None = None
+                     ) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
         """The student's input, the labels and the teacher's outputs of one micro-batch (views applied: each
-        item's view is seeded by (run seed, step, item index, view), so a resumed run sees the same views)."""
+        item's view is seeded by (run seed, step, item index, view), so a resumed run sees the same views).
+        ``batch``: the micro-batch as the method's batch hook replaced it (on the device)."""
+        if batch is not None:
+            x, y = batch
+            return x, y, (teacher.targets(x) if use_teacher else None)  # type: ignore[union-attr]
         x, y = train_data.take(micro_index)
         if not on_cpu:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -696,6 +711,17 @@ def fit(
                 x = student_view(x, micro_index, epoch)
             return x, y, teacher.targets(x, index=micro_index, epoch=epoch)  # type: ignore[union-attr,call-arg]
         return x, y, (teacher.targets(x_t) if use_teacher else None)  # type: ignore[union-attr]
+    hook = method.batch_hook
+
+    def replace_batch(m: int, micro_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Micro-batch ``m`` of this step as the method's batch hook replaces it (on-policy samples)."""
+        assert hook is not None
+        x, y = train_data.take(micro_index)
+        context = BatchContext(student=accelerator.unwrap_model(model), teacher=teacher, step=step, micro=m,
+                               rank=rank, seed=seed, world=world)
+        with torch.no_grad():
+            return hook(x.to(device), y.to(device), context)
+
     # Accelerate's AcceleratedOptimizer.step looks up an optional package with importlib on every call (accelerate
     # 1.15: `is_lomo_available()`, about 0.25 ms per step on a CPU core). Where the wrapper adds nothing (no fp16
     # grad scaler, no XLA, no DeepSpeed/FSDP), step the wrapped optimiser directly.
@@ -728,16 +754,26 @@ def fit(
             step_values: list[Tensor] = []
             nonfinite: str | None = None
             staged = None
+            replaced: list[tuple[Tensor, Tensor]] | None = None
+            if hook is not None:  # every micro-batch replaced first, so the normalisers count the new labels
+                replaced = [replace_batch(m, micro_index) for m, micro_index in enumerate(micro)]
+                counts_here = torch.tensor([float(sum(int((y >= 0).sum()) for _, y in replaced)),
+                                            float(sum(y.numel() for _, y in replaced))], device=device)
+                if world > 1:
+                    counts_here = accelerator.reduce(counts_here, "sum")
+                num_items = _num_items(method, float(counts_here[0]), float(counts_here[1]))
             if weighings:  # score every micro-batch first: the weighting is updated once, before any weight
                 with autocast():
-                    staged = [teacher_pass(micro_index) for micro_index in micro]
+                    staged = [teacher_pass(micro_index, replaced[m] if replaced is not None else None)
+                              for m, micro_index in enumerate(micro)]
                 step_weights = weighings.step([(t, y, i) for (_, y, t), i in zip(staged, micro, strict=True)])
             for m, micro_index in enumerate(micro):
                 ctx = accelerator.no_sync(model) if world > 1 and m < len(micro) - 1 else nullcontext()
                 with ctx:
                     with autocast():
                         with features.capture() if features is not None else nullcontext():
-                            x, y, t_out = staged[m] if staged is not None else teacher_pass(micro_index)
+                            x, y, t_out = staged[m] if staged is not None else teacher_pass(
+                                micro_index, replaced[m] if replaced is not None else None)
                             s_out = as_outputs(model(x))
                             if prepared_router is not None:  # the routed mixture, with gradients into the router
                                 s_out.update(prepared_router(x, t_out["members"]))  # type: ignore[index]

@@ -12,12 +12,14 @@
 * :mod:`mentor.lm.data`: a built-in corpus (standard-library docstrings), a locally trained byte-level BPE
   tokenizer, packing, a prompt/answer task with exact match, local Hugging Face datasets.
 * :mod:`mentor.lm.models`: tiny Llama-style teacher and student (needs ``transformers``).
+* :mod:`mentor.lm.loop`: LM data in mentor's one loop (shifted labels), on-policy batches (``OnPolicy``, a
+  ``Method.batch_hook``), sequence-level KD data, and the LM evaluation (perplexity, agreement, exact match).
 
 Importing ``mentor.lm`` needs only torch; :mod:`mentor.lm.models` and the tokenizer need ``transformers`` and
 ``tokenizers``; :mod:`mentor.lm.generate` runs any model with the ``transformers`` causal-LM call signature.
 """
 
-from mentor.lm import align, data, generate, losses, vocab, weighting
+from mentor.lm import align, data, generate, loop, losses, vocab, weighting
 from mentor.lm.generate import (
     Generation,
     SpeculativeGeneration,
@@ -45,6 +47,7 @@ __all__ = [
     "data",
     "divergence",
     "generate",
+    "loop",
     "losses",
     "on_policy_at",
     "sample",

@@ -18,16 +18,21 @@ from mentor.recipes.fitnet import fitnet
 from mentor.recipes.fixmatch import fixmatch
 from mentor.recipes.flexmatch import flexmatch
 from mentor.recipes.freematch import freematch
+from mentor.recipes.gkd import gkd
 from mentor.recipes.hard_label_kd import hard_label_kd
 from mentor.recipes.hinton_kd import hinton_kd
+from mentor.recipes.lm_kd import lm_kd
 from mentor.recipes.ltd import ltd
 from mentor.recipes.mean_teacher import mean_teacher
 from mentor.recipes.multi_teacher import multi_teacher
 from mentor.recipes.noisy_student import noisy_student
 from mentor.recipes.ofa import ofa
+from mentor.recipes.reverse_kl_on_policy import reverse_kl_on_policy
 from mentor.recipes.rkd import rkd
+from mentor.recipes.seq_kd import seq_kd
 from mentor.recipes.similarity_preserving import similarity_preserving
 from mentor.recipes.simkd import simkd, simkd_student
+from mentor.recipes.skd import skd
 from mentor.recipes.softmatch import softmatch
 from mentor.recipes.supervised import supervised
 from mentor.recipes.transfer_kd import transfer_kd
@@ -36,7 +41,7 @@ __all__ = ["RECIPES", "Cohort", "dml", "multi_teacher", "noisy_student",
            "attention_transfer", "born_again", "build_recipe", "dist", "dkd", "feature_regression",
            "fitnet", "hard_label_kd", "hinton_kd", "ltd", "ofa", "rkd", "similarity_preserving", "simkd",
            "simkd_student", "supervised", "transfer_kd", "mean_teacher", "fixmatch", "flexmatch", "freematch",
-           "softmatch"]
+           "softmatch", "lm_kd", "seq_kd", "gkd", "skd", "reverse_kl_on_policy"]
 
 RECIPES: Mapping[str, Callable[..., Method]] = {
     "supervised": supervised,
@@ -62,6 +67,11 @@ RECIPES: Mapping[str, Callable[..., Method]] = {
     "flexmatch": flexmatch,
     "freematch": freematch,
     "softmatch": softmatch,
+    "lm_kd": lm_kd,
+    "seq_kd": seq_kd,
+    "gkd": gkd,
+    "skd": skd,
+    "reverse_kl_on_policy": reverse_kl_on_policy,
 }
 
 
