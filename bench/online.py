@@ -212,6 +212,7 @@ def noisy_student_rows(
     hard: bool = False,
     augment: str = "weak",
     magnitude: float = 0.5,
+    gen0_method: Any = None,
 ) -> dict[str, Any]:
     """Noisy Student on ``train_data`` (labelled items plus unlabelled ones marked ``-1``), as ``mentor train``
     runs it: generation 0 is ``make_model(seed)`` trained with ``supervised`` on the labelled items alone for as
@@ -232,6 +233,8 @@ def noisy_student_rows(
         hard: Hard pseudo-labels.
         augment: ``"strong"``, ``"weak"`` or ``"none"`` (see :func:`mentor.recipes.noisy_student.student_noise`).
         magnitude: RandAugment magnitude of ``"strong"``.
+        gen0_method: How generation 0 learns the labelled items (default ``recipes.supervised()``; e.g. with a
+            weak view, as the semi-supervised baselines do).
 
     Returns:
         ``{"generations": [{"generation": k, "accs": [...], "mean": m, "std": s}, ...], "seconds": s}``
@@ -248,8 +251,9 @@ def noisy_student_rows(
     start = time.perf_counter()
     for seed in seeds:
         model = make_model(seed + 1000)
-        train.fit(model, recipes.supervised(), labelled, epochs=gen0_epochs, max_steps=steps, batch_size=batch_size,
-                  optim=train.Optim(lr=lr, schedule="cosine"), seed=seed + 1000, progress=False, log_every=100_000)
+        train.fit(model, gen0_method or recipes.supervised(), labelled, epochs=gen0_epochs, max_steps=steps,
+                  batch_size=batch_size, optim=train.Optim(lr=lr, schedule="cosine"), seed=seed + 1000,
+                  progress=False, log_every=100_000)
         accs[0].append(evaluate(model, test)["accuracy"])
         for gen in range(1, generations + 1):
             teacher = pseudo_label_teacher(model, train_data.x, train_data.y, hard=hard, augment=augment,

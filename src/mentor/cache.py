@@ -605,7 +605,10 @@ class TeacherCache:
         self._whole: dict[str, np.ndarray] | None = None
         if self.in_memory or (self.in_memory is None and self.manifest["bytes"] <= 512 << 20):
             shards = [self._shard(i) for i in range(len(self.manifest["shards"]))]
-            self._whole = {name: np.concatenate([s[name] for s in shards]) for name in self._arrays}
+            # converted once to what get() returns (float32 values and features, int64 indices), so a batch is a
+            # gather and nothing else
+            self._whole = {name: self._tensor(name, np.concatenate([s[name] for s in shards])).numpy()
+                           for name in self._arrays}
             self._maps = {}
         if self.count_reads:
             self.reads = np.zeros(len(self), dtype=np.int64)
@@ -679,7 +682,7 @@ class TeacherCache:
             np.add.at(self.reads, idx, 1)
         wanted = [a for a in self._arrays if names is None or a in names]
         if self._whole is not None:
-            return {name: self._tensor(name, self._whole[name][idx, v]) for name in wanted}
+            return {name: torch.from_numpy(self._whole[name][idx, v]) for name in wanted}
         size = self.manifest["shard_size"]
         shard_of = idx // size
         out = {name: np.empty((idx.size, *self._arrays[name].shape[1:]), dtype=self._arrays[name].np_dtype)

@@ -1160,7 +1160,7 @@ def _sparse_parts(
             rest = (1.0 - values.exp().sum(dim=-1, keepdim=True)).clamp(min=0.0)
             log_p = F.log_softmax(torch.cat([values, rest.log()], dim=-1) / temperature, dim=-1)
         p = log_p.exp()
-        neg_entropy = (p * torch.where(p > 0, log_p, torch.zeros((), dtype=p.dtype, device=p.device))).sum(-1)
+        neg_entropy = torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0
     # sum_b p_b log q_b. Log-probabilities are floored at the lowest finite value (as in kl_div): a class the student
     # masks (-inf) where the teacher has mass gives a huge finite loss instead of inf.
     log_s = F.log_softmax(z, dim=-1)
