@@ -91,10 +91,11 @@ def train_student(method: str, seed: int, steps: int, quick: bool) -> dict[str, 
 
     cfg = config_from_dict(student_config(method, seed, steps, quick))
     done = cfg.run_dir / "result.json"
-    if done.is_file() and (cfg.run_dir / "config.yaml").read_text() == dump_config(cfg):  # finished earlier
+    seconds = cfg.run_dir / "seconds.json"
+    if done.is_file() and seconds.is_file() and (cfg.run_dir / "config.yaml").read_text() == dump_config(cfg):
         m = json.loads(done.read_text())["metrics"]
         return {"exact_match": m["exact_match"], "perplexity": m["perplexity"], "agreement": m.get("agreement"),
-                "seconds": json.loads((cfg.run_dir / "seconds.json").read_text())["seconds"], "reused": True}
+                "seconds": json.loads(seconds.read_text())["seconds"], "reused": True}
     start = time.perf_counter()
     result = run(cfg, report=False)
     m = result.final.metrics
