@@ -131,6 +131,10 @@ def cached_step_ratio(steps: int, quick: bool, k: int = 16) -> dict[str, Any]:
     train, _ = load_data(cfg)
     teacher = load_teacher(cfg.teacher)  # type: ignore[arg-type]
     cache_dir = WORK / f"cache_k{k}"
+    if cache_dir.exists():  # timed from scratch (a finished cache would be kept as it is)
+        import shutil
+
+        shutil.rmtree(cache_dir)
     start = time.perf_counter()
     build(teacher, train.x, cache_dir, spec=CacheSpec(k=k, shard_size=8192, batch_size=256), progress=False,
           overwrite=True)
@@ -208,7 +212,8 @@ def main() -> None:
         ppl = [r["perplexity"] for r in runs]
         summary[method] = {"exact_match_mean": statistics.mean(em), "exact_match": em,
                            "perplexity_mean": statistics.mean(ppl), "perplexity": ppl,
-                           "agreement_mean": statistics.mean([r["agreement"] or 0.0 for r in runs]),
+                           "agreement_mean": (statistics.mean([r["agreement"] for r in runs])
+                                              if all(r["agreement"] is not None for r in runs) else None),
                            "seconds_mean": statistics.mean([r["seconds"] for r in runs])}
     out["students"] = summary
     out["cached_step"] = cached_step_ratio(40 if args.quick else 150, args.quick)
@@ -232,7 +237,9 @@ def main() -> None:
     ]
     for method, s in summary.items():
         body.append(f"| {method} | {s['exact_match_mean']:.3f} | {', '.join(f'{v:.3f}' for v in s['exact_match'])} "
-                    f"| {s['perplexity_mean']:.3f} | {s['agreement_mean']:.3f} | {s['seconds_mean']:.0f} |")
+                    f"| {s['perplexity_mean']:.3f} | "
+                    f"{'n/a' if s['agreement_mean'] is None else format(s['agreement_mean'], '.3f')} "
+                    f"| {s['seconds_mean']:.0f} |")
     ranking = sorted(summary, key=lambda m: -summary[m]["exact_match_mean"])
     body += [
         "",
@@ -253,7 +260,8 @@ def main() -> None:
         f"(goal <= 1.15); online teacher forward instead: {c['online_kd_step_ms']:.1f} ms "
         f"({c['ratio_online_over_sft']:.2f}x). Median step times of the same loop, best of two interleaved runs.",
         "",
-        f"Total {out['total_s'] / 60:.1f} min.",
+        f"Total {out['total_s'] / 60:.1f} min (runs finished earlier with the same config are reused from "
+        "bench/_work; a fresh run takes about 25 min; s/run were measured with other processes on the 2 cores).",
     ]
     write_section("lm_quality" + (" (quick)" if args.quick else ""), "\n".join(body))
 
