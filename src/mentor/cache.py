@@ -296,19 +296,31 @@ def _to_numpy(t: Tensor, dtype: str) -> np.ndarray:
     return t.numpy().astype(dtype)
 
 
-def _compute_shard(
+_DEFER_BYTES = 64 << 20  # raw logits of a shard up to this size are reduced to top-k by the writer thread
+
+
+def _topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest log-probabilities and their classes: the k largest logits minus the log-partition (without
+    writing the full log-softmax)."""
+    logits = logits.float()
+    top, indices = logits.topk(k, dim=-1) if k < logits.shape[-1] else logits.sort(-1, descending=True)
+    return top - logits.logsumexp(dim=-1, keepdim=True), indices
+
+
+def _forward_shard(
     model: nn.Module, x: Tensor, start: int, stop: int, plan: Mapping[str, Any], spec: CacheSpec,
     augment: Callable[[Tensor, Tensor], Tensor] | None, device: torch.device,
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
+    """The teacher's outputs on one shard's items, batch by batch: the top-k already taken, or (for small
+    shards) the raw logits, which :func:`_assemble_shard` reduces on the writer thread while the teacher goes on."""
     arrays = _arrays_of(plan)
-    k = plan["stored"]["logits"]["k"]
-    n = stop - start
-    out = {name: np.empty((n, *a.shape), dtype=a.np_dtype) for name, a in arrays.items()}
-    views = spec.num_views
+    k, num_classes = plan["stored"]["logits"]["k"], plan["stored"]["logits"]["num_classes"]
+    n, views = stop - start, spec.num_views
+    positions = int(np.prod(plan["stored"]["logits"]["positions"], dtype=np.int64))
+    defer = n * views * positions * num_classes * 4 <= _DEFER_BYTES
     seeds = item_seeds(np.arange(start, stop), views, spec.seed) if augment is not None else None
-    if seeds is not None:
-        out["seeds"][...] = seeds
     parts: dict[str, list[list[Tensor]]] = {name: [[] for _ in range(views)] for name in arrays if name != "seeds"}
+    parts["logits"] = [[] for _ in range(views)]
     with torch.no_grad():
         for lo in range(0, n, spec.batch_size):
             hi = min(lo + spec.batch_size, n)
@@ -316,23 +328,42 @@ def _compute_shard(
             for v in range(views):
                 xv = xb if augment is None else augment(xb, torch.from_numpy(seeds[lo:hi, v]).to(device))  # type: ignore[index]
                 logits, feats = _teacher_outputs(model, xv, spec.features, spec.feature_inputs, spec.outputs)
-                logits = logits.float()
-                # the k largest logits minus the log-partition: the k largest log-probabilities, without writing
-                # the full log-softmax
-                top, indices = logits.topk(k, dim=-1) if k < logits.shape[-1] else logits.sort(-1, descending=True)
-                parts["values"][v].append(top - logits.logsumexp(dim=-1, keepdim=True))
-                parts["indices"][v].append(indices)
+                if defer:
+                    parts["logits"][v].append(logits.detach())
+                else:
+                    values, indices = _topk(logits, k)
+                    parts["values"][v].append(values)
+                    parts["indices"][v].append(indices)
                 for name, f in feats.items():
                     parts[name][v].append(f.detach())
-    for name, per_view in parts.items():  # one conversion per shard, not per batch
+    return {"parts": parts, "seeds": seeds, "k": k, "n": n}
+
+
+def _assemble_shard(shard: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The stored arrays of one shard from :func:`_forward_shard`'s outputs (one conversion per shard)."""
+    arrays = _arrays_of(plan)
+    parts, n = shard["parts"], shard["n"]
+    out = {name: np.empty((n, *a.shape), dtype=a.np_dtype) for name, a in arrays.items()}
+    if shard["seeds"] is not None:
+        out["seeds"][...] = shard["seeds"]
+    raw = parts.pop("logits")
+    if raw[0]:
+        reduced = [_topk(torch.cat(chunks), shard["k"]) for chunks in raw]
+        parts["values"] = [[values] for values, _ in reduced]
+        parts["indices"] = [[indices] for _, indices in reduced]
+    for name, per_view in parts.items():
         whole = torch.stack([torch.cat(chunks) for chunks in per_view], dim=1).cpu()
         if name == "values":
             out[name][...] = _to_numpy(whole, arrays[name].dtype)
-        elif name == "indices":
-            out[name][...] = whole.numpy().astype(arrays[name].np_dtype)
         else:
             out[name][...] = whole.numpy().astype(arrays[name].np_dtype)
     return out
+
+
+def _assemble_and_write(root: Path, i: int, start: int, stop: int, shard: Mapping[str, Any],
+                        plan: Mapping[str, Any]) -> dict[str, Any]:
+    with torch.no_grad():
+        return _write_shard(root, i, start, stop, _assemble_shard(shard, plan), plan)
 
 
 def _write_shard(root: Path, i: int, start: int, stop: int, data: Mapping[str, np.ndarray],
@@ -458,16 +489,16 @@ def build(
     bar = tqdm(total=sum(min((i + 1) * size, n) - i * size for i in mine), disable=not progress, unit="item",
                desc=f"cache {root.name}" + (f" [{rank}/{world}]" if world > 1 else ""), dynamic_ncols=True)
     bar.update(sum(min((i + 1) * size, n) - i * size for i in mine if i not in todo))
-    # Shard i is written (checksummed, renamed) by a background thread while the teacher computes shard i + 1;
-    # at most one write is pending, and its errors surface here.
+    # Shard i is reduced to top-k (when small), checksummed, written and renamed by a background thread while the
+    # teacher computes shard i + 1; at most one shard is pending, and its errors surface here.
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: Future[dict[str, Any]] | None = None
         for i in todo:
             start, stop = i * size, min((i + 1) * size, n)
-            data = _compute_shard(model, x, start, stop, plan, spec, augment, device)
+            shard = _forward_shard(model, x, start, stop, plan, spec, augment, device)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_shard, root, i, start, stop, data, plan)
+            pending = writer.submit(_assemble_and_write, root, i, start, stop, shard, plan)
             bar.update(stop - start)
         if pending is not None:
             pending.result()
