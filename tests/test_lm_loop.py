@@ -447,3 +447,22 @@ def test_an_on_policy_method_is_refused_in_plus() -> None:
         recipes.lm_kd().plus(recipes.gkd())
     combined = recipes.gkd().plus(recipes.lm_kd(ce_weight=1.0))
     assert combined.batch_hook == recipes.gkd().batch_hook and [t.name for t in combined.terms] == ["kd", "ce"]
+
+
+def test_padded_teacher_vocabulary_is_refused_naming_both_sizes_or_truncated() -> None:
+    """A teacher whose output layer has 8 padded rows beyond the shared vocabulary: refused with both sizes named,
+    and with ``num_classes`` its first V logits teach exactly as a teacher without the padding."""
+
+    padded = tiny_llama(1, 32, V + 8, heads=2, intermediate=48, seed=100, use_cache=False).double()
+    data = _data(16)
+    with pytest.raises(ValueError, match=rf"teacher has {V + 8} output classes but the student has {V}"):
+        fit(_model(1), recipes.lm_kd(), data, teacher=teachers.Frozen(padded), epochs=1, batch_size=8,
+            progress=False)
+    runs = []
+    for teacher in (teachers.Frozen(padded, num_classes=V), teachers.Callable(lambda x: padded(x).logits[..., :V])):
+        runs.append(fit(_model(1), recipes.lm_kd(), data, teacher=teacher, epochs=2, batch_size=8,
+                        optim=Optim(lr=1e-2), log_every=1, progress=False))
+    assert [r["loss"] for r in runs[0].history if r["split"] == "train"] == \
+        [r["loss"] for r in runs[1].history if r["split"] == "train"]
+    with pytest.raises(ValueError, match="fewer than num_classes"):
+        teachers.Frozen(_model(2), num_classes=V + 1).targets(data.x[:2])

@@ -147,6 +147,10 @@ class TeacherConfig(_Strict):
     confidence) or ``router`` (per item, from a learned router on the input with ``router_hidden`` hidden units;
     train it with ``recipe: {name: multi_teacher, args: {router: true}}``). ``space``: average the teachers'
     probabilities (``probs``) or logits (``logits``).
+
+    ``num_classes`` keeps only the teacher's first outputs: a language model whose output layer was padded beyond
+    the shared vocabulary (520 rows for 512 tokens) is truncated to the shared range. Without it, different output
+    sizes are an error that names both.
     """
 
     run: str | None = None
@@ -155,6 +159,7 @@ class TeacherConfig(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     cache: str | None = None
     tail: Literal["rest", "renormalize"] = "rest"
+    num_classes: int | None = Field(None, ge=1)
     runs: list[str] | None = None
     combine: Literal["mean", "weights", "max_prob", "entropy", "router"] = "mean"
     weights: list[float] | None = None

@@ -304,11 +304,12 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
             f"but the training data (data.train = {cfg.data.train!r}) has {len(train_data)}: expected at most "
             f"{len(train_data)} items per step"
         )
-    teacher: Teacher | None = Frozen(teacher_model) if teacher_model is not None else None
+    cut = cfg.teacher.num_classes if cfg.teacher is not None else None
+    teacher: Teacher | None = Frozen(teacher_model, num_classes=cut) if teacher_model is not None else None
     eval_teacher: Teacher | None = None
     if cfg.teacher is not None and cfg.teacher.cache is not None:
         teacher, method = cached_teacher(cfg, teacher_model, method, train_data)
-        eval_teacher = Frozen(teacher_model) if teacher_model is not None else None
+        eval_teacher = Frozen(teacher_model, num_classes=cut) if teacher_model is not None else None
     if cfg.teacher is not None and cfg.teacher.runs is not None:
         teacher = build_ensemble(cfg.teacher, train_data)
     if noisy and teacher_model is not None:

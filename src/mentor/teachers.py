@@ -58,18 +58,33 @@ class Frozen:
         model: The teacher network.
         input_transform: Optional function applied to the inputs first (for example a re-normalisation when the
             teacher was trained on differently scaled inputs).
+        num_classes: Keep only the first ``num_classes`` logits: a language model whose output layer was padded
+            with extra rows beyond the shared vocabulary (e.g. 520 rows for 512 tokens) is truncated to the shared
+            range. ``None`` keeps every output; a teacher with fewer outputs is an error.
     """
 
-    def __init__(self, model: nn.Module, input_transform: CallableT[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, input_transform: CallableT[[Tensor], Tensor] | None = None,
+                 num_classes: int | None = None) -> None:
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"Frozen num_classes must be an integer >= 1 or None, got {num_classes!r}")
         self.model = _freeze(model)
         self.input_transform = input_transform
+        self.num_classes = num_classes
 
     @torch.no_grad()
     def targets(self, inputs: Tensor) -> Outputs:
         if self.model.training:  # something called .train() on it: a frozen teacher stays in eval mode
             self.model.eval()
         x = self.input_transform(inputs) if self.input_transform is not None else inputs
-        return as_outputs(self.model(x))
+        out = as_outputs(self.model(x))
+        if self.num_classes is not None:
+            logits = out["logits"]
+            if logits.shape[-1] < self.num_classes:
+                raise ValueError(f"the teacher has {logits.shape[-1]} outputs, fewer than num_classes = "
+                                 f"{self.num_classes}: only extra (padded) outputs can be cut off")
+            out["logits"] = logits[..., : self.num_classes]
+        return out
 
     def to(self, device: torch.device | str) -> Frozen:
         self.model.to(device)
