@@ -827,3 +827,18 @@ def test_mask_shape_mismatch_is_rejected() -> None:
     s, t = make_logits(4, 3, seed=74), make_logits(4, 3, seed=75)
     with pytest.raises(ValueError, match="mask shape"):
         losses.kl_div(s, t, mask=torch.ones(3, dtype=torch.bool))
+
+
+def test_entropy_against_numpy_with_masked_classes() -> None:
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(5, 3, 7, generator=g, dtype=torch.float64) * 2
+    z[0, 0, :3] = float("-inf")  # masked classes: 0 log 0 = 0
+    got = losses.entropy(z, temperature=1.5)
+    x = z.numpy() / 1.5
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
+    assert got.shape == (5, 3) and np.allclose(got.numpy(), want, rtol=1e-12, atol=1e-14)
+    assert losses.entropy(torch.zeros(4, 8)).allclose(torch.full((4,), math.log(8)))
+    with pytest.raises(ValueError, match="temperature"):
+        losses.entropy(z, temperature=0.0)

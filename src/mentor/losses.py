@@ -40,6 +40,7 @@ __all__ = [
     "generalized_jsd",
     "skew_kl",
     "tvd",
+    "entropy",
     "softmax_mse",
     "soft_cross_entropy",
     "cross_entropy",
@@ -313,6 +314,23 @@ def skew_kl(
             dim=0,
         )
     return _total(_kl_terms(first, log_mix), mask, num_items, temperature**2)
+
+
+def entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """The entropy (nats) of ``softmax(logits / T)`` per item, ``-sum_c p_c log p_c``, with ``0 log 0 = 0`` (a
+    masked, ``-inf`` class contributes nothing). Not a loss: a per-item quantity that confidence weightings
+    (multi-teacher, token weights) are built from, kept here with the other softmax math.
+
+    Args:
+        logits: ``[..., C]``.
+        temperature: Softmax temperature (> 0).
+
+    Returns:
+        ``[...]``, float32 for half-precision inputs.
+    """
+    _check_temperature("temperature", temperature)
+    p = F.softmax(_as_float(logits) / temperature, dim=-1)
+    return -torch.special.xlogy(p, p).sum(dim=-1)
 
 
 def tvd(

@@ -153,8 +153,9 @@ def confidence_weights(members: Tensor, by: str) -> Tensor:
         top = log_p.max(dim=-1).values.exp()
         return top / top.sum(dim=1, keepdim=True)
     if by == "entropy":
-        entropy = -(log_p.exp() * log_p).nan_to_num(0.0).sum(dim=-1)  # 0 * log 0 = 0 for masked classes
-        return torch.softmax(-entropy, dim=1)
+        from mentor.losses import entropy
+
+        return torch.softmax(-entropy(members.to(log_p.dtype)), dim=1)
     raise ValueError(f"confidence weighting must be 'max_prob' or 'entropy', got {by!r}")
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mentor import losses
 from mentor.lm.losses import HeadLike, _teacher_head, target_mask
 from mentor.lm.vocab import shared_vocab_size
 
@@ -70,18 +71,17 @@ def token_uncertainty(
     with torch.no_grad():
         z = teacher_logits.detach()
         z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-        log_p = F.log_softmax(z / temperature, dim=-1)
         if measure == "entropy":
-            p = log_p.exp()
-            entropy = -(p * torch.where(p > 0, log_p, torch.zeros((), dtype=p.dtype, device=p.device))).sum(-1)
+            h = losses.entropy(z, temperature=temperature)
             size = teacher_logits.shape[-1]
-            return entropy / math.log(size) if size > 1 else torch.zeros_like(entropy)
+            return h / math.log(size) if size > 1 else torch.zeros_like(h)
         if targets is None:
             raise ValueError("measure='target' needs the target token ids (targets)")
         if targets.shape != teacher_logits.shape[:-1]:
             raise ValueError(
                 f"targets {tuple(targets.shape)} must match the logits' items {tuple(teacher_logits.shape[:-1])}"
             )
+        log_p = F.log_softmax(z / temperature, dim=-1)
         p_y = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1).exp()
         return (1.0 - p_y).clamp(min=0.0)
 
