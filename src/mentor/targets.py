@@ -146,8 +146,22 @@ def _mask_weights(keep: Tensor, probs: Tensor) -> Tensor:
     return keep.to(probs.dtype)
 
 
+class _Stateless:
+    """The update/state part of a weighting that keeps no state: ``update`` only checks its input, the state is
+    empty (and loading a non-empty one is an error naming the class)."""
+
+    def update(self, probs: Tensor, index: Tensor | None = None) -> None:
+        _as_probs(probs)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        _load_state(type(self).__name__, {}, state)
+
+
 @dataclass(frozen=True)
-class FixedThreshold:
+class FixedThreshold(_Stateless):
     """Weight 1 where the teacher's confidence ``max_c p_c >= tau``, else 0 (FixMatch, Sohn et al. 2020,
     https://arxiv.org/abs/2001.07685). Stateless: ``update`` does nothing.
 
@@ -165,15 +179,6 @@ class FixedThreshold:
         probs = _as_probs(probs)
         return _mask_weights(probs.amax(dim=-1) >= self.tau, probs)
 
-    def update(self, probs: Tensor, index: Tensor | None = None) -> None:
-        _as_probs(probs)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        _load_state("FixedThreshold", {}, state)
-
 
 class DualSplit(NamedTuple):
     """The two sets of :class:`DualThreshold`.
@@ -190,7 +195,7 @@ class DualSplit(NamedTuple):
 
 
 @dataclass(frozen=True)
-class DualThreshold:
+class DualThreshold(_Stateless):
     """Two thresholds (HSSDA, Liu et al. 2023, https://arxiv.org/abs/2304.01464): items whose confidence is at
     least ``high`` get their hard pseudo-label, items between ``low`` and ``high`` a soft target, items below
     ``low`` nothing. ``weights(probs)`` is 1 for both kept sets; :meth:`split` tells them apart, so that one term
@@ -220,15 +225,6 @@ class DualThreshold:
         """Weights ``[B]``: 1 where the confidence is at least ``low``."""
         probs = _as_probs(probs)
         return _mask_weights(probs.amax(dim=-1) >= self.low, probs)
-
-    def update(self, probs: Tensor, index: Tensor | None = None) -> None:
-        _as_probs(probs)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        _load_state("DualThreshold", {}, state)
 
 
 _MAPPINGS = ("convex", "linear", "concave")
