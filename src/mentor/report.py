@@ -421,6 +421,12 @@ def write_report(run_dir: str | Path, *, latency_batch: int = 1000) -> Path:
         *[f"| {_escape_cell(label)} | {value} |" for _, label, value in table],
         "",
     ]
+    return _finish_report(run_dir, lines, notes, plots, config_text)
+
+
+def _finish_report(run_dir: Path, lines: list[str], notes: Sequence[str], plots: Sequence[tuple[str, str]],
+                   config_text: str) -> Path:
+    """Append the notes, plots and resolved config to a report's lines and write ``report.md`` atomically."""
     if notes:
         lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
     lines += ["## Plots", ""]
@@ -507,15 +513,7 @@ def _write_lm_report(
             texts = [str(tok.decode(t, skip_special_tokens=True)) for t in (p, c, r)]
             lines.append("| " + " | ".join(f"`{_escape_cell(t)}`" for t in texts) + f" | {'yes' if c == r else 'no'} |")
         lines.append("")
-    if notes:
-        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
-    lines += ["## Plots", ""]
-    for title, rel in plots:
-        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
-    lines += ["## Resolved config", "", "```yaml", config_text.rstrip("\n"), "```", ""]
-    report = run_dir / "report.md"
-    atomic.write_text(report, "\n".join(lines))
-    return report
+    return _finish_report(run_dir, lines, notes, plots, config_text)
 
 
 # ------------------------------------------------------------------------------------------------- comparison
