@@ -16,22 +16,8 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 TRL_VERSION="${TRL_VERSION:-}"   # empty: the newest TRL that resolves beside the pinned torch
 PY="$VENV/bin/python"
 
-step() {  # step NAME CMD...: run CMD, print its wall time
-  local name="$1"; shift
-  local t0=$SECONDS
-  echo "==> $name"
-  "$@"
-  echo "<== $name: $((SECONDS - t0)) s"
-}
-
-pip_install() {  # pip install -q ARGS..., without the file:// index noise of this machine's pip.conf
-  "$PY" -m pip install -q "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }  # pipefail: pip's rc
-}
-
-if [ ! -x "$PY" ]; then
-  step "create venv $VENV" python3 -m venv "$VENV"
-  step "upgrade pip" pip_install --upgrade pip
-fi
+# shellcheck source=bench/_venv_common.sh
+source "$ROOT/bench/_venv_common.sh"   # step, pip_install; creates $VENV if missing
 
 # 1. The CPU torch build from local disk, alone, first.
 step "torch==$TORCH_VERSION" pip_install "torch==$TORCH_VERSION"
