@@ -89,6 +89,48 @@ def test_projectors_train_are_not_exported_and_hooks_are_gone(tmp_path: Path) ->
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_held_hooks_capture_only_inside_capture_and_are_released() -> None:
+    student, teacher = _models()
+    method = recipes.fitnet()
+    pairs = FeaturePairs(method.features, student, teacher, _data().x[:2])
+    pairs.hold()
+    x = _data().x[:4]
+    student(x)
+    teacher(x)  # paused: these forwards capture nothing
+    assert all(not taps._captured for _, taps in pairs._taps)
+    with pairs.capture():
+        s_out, t_out = {"logits": student(x)}, {"logits": teacher(x)}
+    pairs.merge(s_out, t_out)
+    assert s_out["feat.hint"].shape[0] == 4 and t_out["feat.hint"].shape[0] == 4
+    h = x.reshape(4, 1, -1)
+    for conv in (teacher.conv1, teacher.conv2, teacher.conv3):
+        h = torch.relu(conv(h))
+    assert torch.allclose(t_out["feat.hint"], h.flatten(1))  # the input of the teacher's classifier
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in student.modules())  # kept between captures
+    pairs.release()
+    pairs.release()  # idempotent
+    for module in [*student.modules(), *teacher.modules()]:
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_hooks_are_gone_after_a_run_that_stops_on_a_nonfinite_loss() -> None:
+    import gc
+
+    from mentor.train import NonFiniteLossError
+
+    student, teacher = _models()
+    data = _data()
+    bad = TensorData(data.x.clone(), data.y)
+    with torch.no_grad():
+        teacher.conv3.weight.fill_(float("inf"))  # the hint term becomes non-finite at the first step
+    with pytest.raises(NonFiniteLossError):
+        fit(student, recipes.fitnet(), bad, teacher=teachers.Frozen(teacher), epochs=1, batch_size=16,
+            optim=Optim(lr=1e-2), progress=False, seed=3)
+    gc.collect()
+    for module in [*student.modules(), *teacher.modules()]:
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
 def test_resume_with_projectors_is_exact(tmp_path: Path) -> None:
     ref = _fit(tmp_path / "ref", checkpoint_every=3)
     _fit(tmp_path / "run", checkpoint_every=3, max_steps=4)

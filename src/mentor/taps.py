@@ -46,6 +46,7 @@ into the plain student architecture.
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -185,6 +186,7 @@ class Taps:
         self._handles: list[RemovableHandle] = []
         self._captured: dict[str, tuple[Tensor, int]] = {}
         self._calls: dict[str, int] = {}
+        self.paused = False  # hooks registered but capturing nothing (FeaturePairs.hold between steps)
 
     # -- hooks --------------------------------------------------------------------------------------------------
 
@@ -195,7 +197,8 @@ class Taps:
 
     def _reset(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook on the root: a new forward of the model drops captures of an earlier one."""
-        self.clear()
+        if not self.paused:
+            self.clear()
 
     def _store(self, name: str, tensor: Tensor) -> None:
         if self.clone:
@@ -205,6 +208,8 @@ class Taps:
 
     def _output_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self.paused:
+                return
             tensor = _first_tensor(output)
             if tensor is None:
                 raise TypeError(
@@ -217,6 +222,8 @@ class Taps:
 
     def _input_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self.paused:
+                return
             tensor = _first_tensor(args)
             if tensor is None:
                 tensor = _first_tensor(list(kwargs.values()))
@@ -670,10 +677,35 @@ class FeaturePairs:
             except (TypeError, ValueError) as err:
                 raise type(err)(f"projector for {f.name!r}: {err}") from err
         self.projectors = Projectors(built)
+        self._finalizer: Any = None  # weakref.finalize of hold(), or None
 
     def capture(self) -> _Attached:
-        """A context manager that attaches every hook and removes them on exit (also on an exception)."""
+        """A context manager that attaches every hook and removes them on exit (also on an exception).
+
+        Between :meth:`hold` and :meth:`release` the hooks stay registered and the context manager only switches
+        them on and off: registering and removing a dozen hooks every step costs a visible share of a small
+        model's step (about 0.05 ms of a 3 ms step).
+        """
         return _Attached([taps for _, taps in self._taps])
+
+    def hold(self) -> None:
+        """Register every hook now, paused (capturing nothing) outside :meth:`capture`, until :meth:`release`.
+
+        The training loop holds the hooks for a whole run. Should the run end in an exception before it releases
+        them, they are removed when this object is garbage-collected.
+        """
+        taps = [t for _, t in self._taps]
+        for t in taps:
+            t.paused = True
+            t.attach()
+        if self._finalizer is None:
+            self._finalizer = weakref.finalize(self, _release, taps)
+
+    def release(self) -> None:
+        """Remove the hooks :meth:`hold` registered. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
 
     def merge(
         self, student_out: dict[str, Tensor], teacher_out: dict[str, Tensor], projectors: nn.Module | None = None
@@ -716,14 +748,31 @@ def _logits_shape(model: nn.Module, example: Tensor) -> torch.Size:
     return logits.shape[1:]
 
 
+def _release(taps: Sequence[Taps]) -> None:
+    for t in taps:
+        t.remove()
+        t.paused = False
+
+
 class _Attached:
+    """Attach the taps for one block (or, when :meth:`FeaturePairs.hold` registered them, un-pause them)."""
+
     def __init__(self, taps: Sequence[Taps]) -> None:
         self.taps = taps
+        self.held: list[bool] = []
 
     def __enter__(self) -> None:
-        for t in self.taps:
-            t.attach()
+        self.held = [t.attached and t.paused for t in self.taps]
+        for t, held in zip(self.taps, self.held, strict=True):
+            if held:
+                t.clear()
+                t.paused = False
+            else:
+                t.attach()
 
     def __exit__(self, *args: object) -> None:
-        for t in self.taps:
-            t.remove()
+        for t, held in zip(self.taps, self.held, strict=True):
+            if held:
+                t.paused = True
+            else:
+                t.remove()
