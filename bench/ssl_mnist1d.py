@@ -263,11 +263,16 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true", help="only the step-overhead comparison")
     parser.add_argument("--pool-rows", nargs="*", default=None,
                         help="rows run on the 50k generated pool too (default: all; supervised rows use no pool)")
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), metavar="ROW",
+                        help=f"run only these rows (default: all of {', '.join(ROWS)})")
+    parser.add_argument("--pools", nargs="+", default=None, choices=["rest", "transfer"],
+                        help="unlabelled pools (default: both; quick: rest)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = args.steps or (150 if args.quick else 3000)
     seeds = [0] if args.quick else [0, 1, 2]
     pools = ["rest"] if args.quick or args.overhead_only else ["rest", "transfer"]
+    pools = args.pools or pools
     test = data.mnist1d("test")
     full = data.mnist1d("train")
     out: dict[str, Any] = {"benchmark": "ssl_mnist1d", "quick": args.quick, "steps": steps, "seeds": seeds,
@@ -278,6 +283,8 @@ def main() -> None:
         for name, row in ROWS.items():
             if args.overhead_only:
                 break
+            if args.rows is not None and name not in args.rows:
+                continue
             if pool_name == "transfer" and (name.startswith("supervised") or
                                             (args.pool_rows is not None and name not in args.pool_rows)):
                 continue  # the supervised rows use no pool: their 'rest' result stands for both
@@ -301,7 +308,8 @@ def main() -> None:
         out["overhead"] = overhead(lab, rest, o_steps, warm, reps)
     out["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out))
-    write_section("ssl_mnist1d_overhead" if args.overhead_only else "ssl_mnist1d" + (" (quick)" if args.quick else ""),
+    suffix = (" (quick)" if args.quick else "") + (f" ({steps} steps)" if args.steps is not None else "")
+    write_section("ssl_mnist1d_overhead" if args.overhead_only else "ssl_mnist1d" + suffix,
                   _markdown(out))
 
 

@@ -308,7 +308,7 @@ def test_cached_topk_lm_kd_equals_online_lm_kd_at_full_vocabulary(tmp_path: Path
     data = _data(16)
     teacher_model = _model(100, dtype=torch.float32)
     build(teacher_model, data.x, tmp_path / "cache", spec=CacheSpec(k=V, values_dtype="float16"), progress=False)
-    method = recipes.lm_kd(temperature=1.0)
+    method = recipes.lm_kd(temperature=1.0, chunk_size=None)  # full logits: a Callable teacher gives only logits
     sparse = use_sparse_targets(method)
     assert sparse.terms[0].loss is losses.sparse_kl_div
     # plain SGD: the weights differ by lr times the gradients' difference (Adam would magnify the fp16 rounding)
@@ -460,9 +460,16 @@ def test_padded_teacher_vocabulary_is_refused_naming_both_sizes_or_truncated() -
             progress=False)
     runs = []
     for teacher in (teachers.Frozen(padded, num_classes=V), teachers.Callable(lambda x: padded(x).logits[..., :V])):
-        runs.append(fit(_model(1), recipes.lm_kd(), data, teacher=teacher, epochs=2, batch_size=8,
+        runs.append(fit(_model(1), recipes.lm_kd(chunk_size=None), data, teacher=teacher, epochs=2, batch_size=8,
                         optim=Optim(lr=1e-2), log_every=1, progress=False))
     assert [r["loss"] for r in runs[0].history if r["split"] == "train"] == \
         [r["loss"] for r in runs[1].history if r["split"] == "train"]
+    # chunked: the teacher's output layer is cut to its first V rows as its logits were
+    chunked = fit(_model(1), recipes.lm_kd(chunk_size=5), data, teacher=teachers.Frozen(padded, num_classes=V),
+                  epochs=2, batch_size=8, optim=Optim(lr=1e-2), log_every=1, progress=False)
+    assert [r["loss"] for r in chunked.history if r["split"] == "train"] == pytest.approx(
+        [r["loss"] for r in runs[0].history if r["split"] == "train"], abs=1e-10)
+    with pytest.raises(ValueError, match="chunk_size=None"):  # a teacher that gives only logits: said how to run it
+        fit(_model(1), recipes.lm_kd(), data, teacher=runs[1].teacher, epochs=1, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="fewer than num_classes"):
         teachers.Frozen(_model(2), num_classes=V + 1).targets(data.x[:2])

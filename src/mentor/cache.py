@@ -747,10 +747,16 @@ def use_sparse_targets(method: Any, tail: str = "rest") -> Any:
     temperature=T)``: with ``tail="rest"`` the dropped classes form one bucket (which the dense reconstruction
     cannot express); with ``"renormalize"`` the value equals the dense one. Other terms are kept as they are and
     read the dense ``"logits"`` of :class:`mentor.teachers.Cached`.
+
+    The chunked LM terms (:func:`mentor.lm.losses.chunked_loss` against ``"teacher.hidden"``, see
+    :mod:`mentor.recipes.lm_kd`) are rewritten the same way and stay chunked: a plain ``kl_div`` one reads the
+    top-k (``loss=sparse_kl_div``), any other divergence the dense ``"teacher.logits"`` rows, chunk by chunk; only
+    the student's output layer remains a ``shared`` argument.
     """
     from dataclasses import replace
 
     from mentor import losses
+    from mentor.lm.losses import chunked_loss
     from mentor.method import Method
 
     if tail not in ("rest", "renormalize"):
@@ -761,6 +767,15 @@ def use_sparse_targets(method: Any, tail: str = "rest") -> Any:
                 and not term.extra and set(term.kwargs) <= {"temperature"}):
             term = replace(term, loss=losses.sparse_kl_div, target="teacher.topk_values",
                            extra={"teacher_indices": "teacher.topk_indices"}, kwargs={**term.kwargs, "tail": tail})
+        elif (term.loss is chunked_loss and term.target == "teacher.hidden"
+              and term.transform is None and not term.extra):
+            shared = {k: v for k, v in term.shared.items() if k != "teacher_head"}
+            if term.kwargs.get("loss") is losses.kl_div and set(term.kwargs) <= {"loss", "temperature", "chunk_size",
+                                                                                  "vocab_size"}:
+                term = replace(term, target="teacher.topk_values", extra={"teacher_indices": "teacher.topk_indices"},
+                               shared=shared, kwargs={**term.kwargs, "loss": losses.sparse_kl_div, "tail": tail})
+            else:
+                term = replace(term, target="teacher.logits", shared=shared)
         terms.append(term)
     assert isinstance(method, Method)
     return replace(method, terms=tuple(terms))

@@ -151,6 +151,11 @@ class TeacherConfig(_Strict):
     ``num_classes`` keeps only the teacher's first outputs: a language model whose output layer was padded beyond
     the shared vocabulary (520 rows for 512 tokens) is truncated to the shared range. Without it, different output
     sizes are an error that names both.
+
+    ``tokenizer`` (recipe ``cross_tokenizer_kd`` only): the teacher's own tokenizer, when it differs from the
+    student's (the data's): an integer is the built-in byte-level BPE of that many tokens
+    (:func:`mentor.lm.data.tokenizer`), a string a folder with a saved Hugging Face fast tokenizer. With
+    ``teacher.run`` it defaults to the built-in tokenizer of that run's ``data.vocab_size``.
     """
 
     run: str | None = None
@@ -165,9 +170,20 @@ class TeacherConfig(_Strict):
     weights: list[float] | None = None
     space: Literal["probs", "logits"] = "probs"
     router_hidden: int = Field(64, ge=1)
+    tokenizer: int | str | None = None
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 260) or value == "":
+            raise ValueError("expected the size of the built-in tokenizer (an integer >= 260) or the folder of a "
+                             "saved Hugging Face fast tokenizer")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
+        if self.runs is not None and self.tokenizer is not None:
+            raise ValueError("'tokenizer' applies to one teacher ('run' or 'checkpoint'), not to several ('runs')")
         if self.runs is not None:
             others = [k for k in ("run", "checkpoint", "cache") if getattr(self, k) is not None]
             if others:
@@ -391,7 +407,22 @@ def _check_recipe(cfg: RunConfig) -> None:
     if method.batch_hook is not None and cfg.teacher is not None and cfg.teacher.cache is not None:
         raise ConfigError(f"recipe {cfg.recipe.name!r} trains on new (on-policy) sequences, which a teacher cache "
                           "cannot score: remove 'teacher.cache' and give the teacher network ('teacher.run')")
-    lm_recipe = cfg.recipe.name in ("lm_kd", "seq_kd", "gkd", "skd", "reverse_kl_on_policy")
+    cross = cfg.recipe.name == "cross_tokenizer_kd"
+    if any(extra.name == "cross_tokenizer_kd" for extra in cfg.recipe.plus):
+        raise ConfigError("recipe.plus: 'cross_tokenizer_kd' needs a teacher with its own tokenizer, which only the "
+                          "main recipe builds: expected recipe.name: cross_tokenizer_kd")
+    if cfg.teacher is not None and cfg.teacher.tokenizer is not None and not cross:
+        raise ConfigError(f"teacher.tokenizer = {cfg.teacher.tokenizer!r} applies to recipe 'cross_tokenizer_kd' "
+                          f"(a teacher with another tokenizer), not to recipe {cfg.recipe.name!r}")
+    if cross:
+        spec = cfg.teacher
+        if spec is None or (spec.run is None and spec.checkpoint is None) or spec.cache is not None:
+            raise ConfigError("recipe 'cross_tokenizer_kd' runs the teacher on its own tokenization of every batch: "
+                              "set 'teacher.run' or 'teacher.checkpoint' (and no 'teacher.cache')")
+        if spec.checkpoint is not None and spec.tokenizer is None:
+            raise ConfigError("recipe 'cross_tokenizer_kd' with 'teacher.checkpoint' needs 'teacher.tokenizer' (the "
+                              "built-in tokenizer's size, or a saved tokenizer's folder)")
+    lm_recipe = cfg.recipe.name in ("lm_kd", "seq_kd", "gkd", "skd", "reverse_kl_on_policy", "cross_tokenizer_kd")
     if lm_recipe and not cfg.data.name.startswith("lm_"):
         raise ConfigError(f"recipe {cfg.recipe.name!r} distils a language model: expected data.name lm_arithmetic, "
                           f"lm_reversal or lm_stdlib, got {cfg.data.name!r}")

@@ -44,6 +44,7 @@ __all__ = [
     "softmax_mse",
     "soft_cross_entropy",
     "cross_entropy",
+    "cross_entropy_per_item",
     "codebook_cross_entropy",
     "dkd",
     "dist",
@@ -460,12 +461,7 @@ def cross_entropy(
     num_classes = logits.shape[-1]
     if mask is not None and mask.is_floating_point():  # per-item weights: per-item losses, then the weighted sum
         labelled = (target >= 0) if ignore_index < 0 else (target >= 0) & (target != ignore_index)
-        safe_w = torch.where(labelled, target, -100).reshape(-1)
-        if safe_w.numel() and int(safe_w.max()) >= num_classes:
-            raise ValueError(f"label {int(safe_w.max())} out of range for {num_classes} classes "
-                             f"(expected 0..{num_classes - 1})")
-        per_item = F.cross_entropy(logits.reshape(-1, num_classes), safe_w, ignore_index=-100, reduction="none",
-                                   label_smoothing=label_smoothing).reshape(target.shape)
+        per_item = cross_entropy_per_item(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
         return reduce_items(per_item, torch.where(labelled, mask.to(per_item.dtype), 0.0), num_items)
     # One fused kernel over the kept items; with smoothing e it sums (1 - e) * nll - e * mean_c log p. Items not
     # kept get a label the kernel skips: -1 when every negative label is to be dropped (a single clamp maps them
@@ -494,6 +490,40 @@ def cross_entropy(
     if isinstance(num_items, Tensor):
         return total / num_items.to(total.dtype)
     return total / _positive(num_items)
+
+
+def cross_entropy_per_item(
+    student_logits: Tensor, target: Tensor, *, label_smoothing: float = 0.0, ignore_index: int = -100
+) -> Tensor:
+    """The cross-entropy of each item, unreduced: what :func:`cross_entropy` sums (per-token losses of a language
+    model, the excess-loss token selection of :mod:`mentor.lm.align`).
+
+    Args:
+        student_logits: ``[..., C]``.
+        target: Integer labels ``[...]``.
+        label_smoothing: ``e`` in ``[0, 1]``.
+        ignore_index: Label value that marks an item without a label (negative labels are dropped too).
+
+    Returns:
+        ``[...]`` losses (float32 for half precision inputs), 0 on the items without a label.
+    """
+    _check_unit("label_smoothing", label_smoothing)
+    if target.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(student_logits.shape)} "
+            "without its class dimension"
+        )
+    if target.is_floating_point():
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    logits = _as_float(student_logits)
+    num_classes = logits.shape[-1]
+    labelled = (target >= 0) if ignore_index < 0 else (target >= 0) & (target != ignore_index)
+    safe = torch.where(labelled, target, -100).reshape(-1)
+    if safe.numel() and int(safe.max()) >= num_classes:
+        raise ValueError(f"label {int(safe.max())} out of range for {num_classes} classes "
+                         f"(expected 0..{num_classes - 1})")
+    return F.cross_entropy(logits.reshape(-1, num_classes), safe, ignore_index=-100, reduction="none",
+                           label_smoothing=label_smoothing).reshape(target.shape)
 
 
 def codebook_cross_entropy(

@@ -100,6 +100,11 @@ class Term:
         weighting: Per-item weights from the teacher's confidence (:class:`Weigh`), or the name of another term
             whose weighting (the same object, updated once per step) this term reads: its ``mask`` is the weights
             (``"items"`` reduction) and its ``"weighting.<key>"`` sources come from it.
+        shared: Keyword arguments of the loss taken from the outputs **as they are**: ``{argument: source}`` with
+            the sources of ``extra`` but ``"weighting."``. Unlike the student output, the target and ``extra``,
+            they are never selected per item or position: what a loss needs whole, such as a language model's
+            output layer (the chunked LM terms take ``{"student_head": "head", "teacher_head": "teacher.head"}``,
+            see :func:`mentor.lm.losses.chunked_loss`).
     """
 
     name: str
@@ -113,6 +118,7 @@ class Term:
     extra: Mapping[str, str] = field(default_factory=dict)
     reduction: Reduction = "items"
     weighting: Weigh | str | None = None
+    shared: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", as_schedule(self.weight))
@@ -125,6 +131,13 @@ class Term:
             raise ValueError(f"term {self.name!r}: reduction must be 'items' or 'batch', got {self.reduction!r}")
         if any(not source for source in self.extra.values()):
             raise ValueError(f"term {self.name!r}: extra maps an argument to an empty output key: {dict(self.extra)}")
+        if any(not isinstance(source, str) or not source or source.startswith("weighting.")
+               or source in ("teacher.", "detached.") for source in self.shared.values()):
+            raise ValueError(f"term {self.name!r}: shared maps arguments to 'label', 'teacher.<key>', "
+                             f"'detached.<key>' or a student output key, got {dict(self.shared)}")
+        if set(self.shared) & set(self.extra):
+            raise ValueError(f"term {self.name!r}: arguments {sorted(set(self.shared) & set(self.extra))} are in "
+                             "both extra and shared: expected each in one of them")
         if self.target != "label" and not self.target.startswith(("teacher.", "detached.", "weighting.")):
             raise ValueError(f"term {self.name!r}: target must be 'label', 'teacher.<key>' or 'detached.<key>', "
                              f"got {self.target!r}")
@@ -140,12 +153,17 @@ class Term:
         return float(weight(step)) if callable(weight) else float(weight)
 
     @property
+    def sources(self) -> tuple[str, ...]:
+        """Every output the term reads besides its student output: the target, ``extra`` and ``shared``."""
+        return (self.target, *self.extra.values(), *self.shared.values())
+
+    @property
     def uses_teacher(self) -> bool:
-        return any(s.startswith("teacher.") for s in (self.target, *self.extra.values()))
+        return any(s.startswith("teacher.") for s in self.sources)
 
     @property
     def uses_labels(self) -> bool:
-        return self.items == "labelled" or "label" in (self.target, *self.extra.values())
+        return self.items == "labelled" or "label" in self.sources
 
     @property
     def weigh(self) -> Weigh | None:
@@ -430,6 +448,7 @@ def compute_terms(
         if term.transform is not None:
             target = term.transform(target)
         extra = {arg: _source(term, src, student, teacher, labels, weighed) for arg, src in term.extra.items()}
+        shared = {arg: _source(term, src, student, teacher, labels) for arg, src in term.shared.items()}
         n = None if num_items is None else num_items[term.name]
         if term.reduction == "items":
             mask = term_mask(term, labels)
@@ -441,9 +460,10 @@ def compute_terms(
                 # mask drops items exactly), without computing it at the positions it would drop.
                 keep = labels >= 0
                 value = term.loss(*(_positions(v, keep) for v in (student[term.student], target)), num_items=n,
-                                  **{k: _positions(v, keep) for k, v in extra.items()}, **term.kwargs)
+                                  **{k: _positions(v, keep) for k, v in extra.items()}, **shared, **term.kwargs)
             else:
-                value = term.loss(student[term.student], target, mask=mask, num_items=n, **extra, **term.kwargs)
+                value = term.loss(student[term.student], target, mask=mask, num_items=n, **extra, **shared,
+                                  **term.kwargs)
         else:
             inputs = {"_s": student[term.student], "_t": target, **extra}
             covered = labels.shape[0]
@@ -460,7 +480,7 @@ def compute_terms(
             if covered == 0:
                 value = student[term.student].sum() * 0.0  # nothing to compare here: no contribution, graph kept
             else:
-                value = term.loss(inputs.pop("_s"), inputs.pop("_t"), **inputs, **term.kwargs)
+                value = term.loss(inputs.pop("_s"), inputs.pop("_t"), **inputs, **shared, **term.kwargs)
                 if n is not None and covered != n:  # a share of 1 is the common case: no extra autograd node
                     value = value * (covered / n)
         values[term.name] = value

@@ -28,7 +28,8 @@ from mentor.models import build_model
 from mentor.teachers import Ensemble, Frozen, PseudoLabels, Router, Teacher
 from mentor.train import FitResult, Optim, check_setup, fit, load_model_weights, save_model
 
-__all__ = ["RunResult", "load_data", "load_unlabelled", "load_teacher", "run", "build_student"]
+__all__ = ["RunResult", "load_data", "load_unlabelled", "load_teacher", "run", "build_student",
+           "cross_tokenizer_teacher"]
 
 
 @dataclass
@@ -231,12 +232,46 @@ def cached_teacher(
             cache.check_matches(teacher=fingerprint_model(teacher_model))
         augment = build_augment(cfg.cache.augment) if cfg.cache is not None and cfg.cache.augment else None
         method = use_sparse_targets(method, cfg.teacher.tail)
-        dense = any(src == "teacher.logits" for t in method.terms for src in (t.target, *t.extra.values()))
+        dense = any(src == "teacher.logits" for t in method.terms for src in t.sources)
         teacher = Cached(cache, tail=cfg.teacher.tail, augment=augment, dense=dense)
         teacher.check_data(train_data.x)
     except (CacheError, ValueError) as err:
         raise ConfigError(f"teacher.cache = {cfg.teacher.cache!r}: {err}") from None
     return teacher, method
+
+
+def cross_tokenizer_teacher(cfg: RunConfig, model: nn.Module) -> Teacher:
+    """Recipe ``cross_tokenizer_kd``'s teacher (:class:`mentor.lm.cross.CrossTokenizer`): the network with its own
+    tokenizer (``teacher.tokenizer``, else the built-in tokenizer of the teacher run's ``data.vocab_size``); the
+    student's tokenizer is the data's (the built-in tokenizer of ``data.vocab_size``)."""
+    from mentor.lm import data as lm_data
+    from mentor.lm.cross import CrossTokenizer
+
+    spec = cfg.teacher
+    assert spec is not None
+    source: int | str | None = spec.tokenizer
+    if source is None:  # the config check asked for teacher.tokenizer unless teacher.run is set
+        assert spec.run is not None
+        teacher_cfg = load_config(Path(spec.run) / "config.yaml")
+        if not teacher_cfg.data.name.startswith("lm_"):
+            raise ConfigError(f"teacher.run = {spec.run!r} trained on data.name = {teacher_cfg.data.name!r}, not on "
+                              "language-model data, so it names no tokenizer: set 'teacher.tokenizer'")
+        source = teacher_cfg.data.vocab_size or 512
+    teacher_tokenizer: Any
+    if isinstance(source, int):
+        teacher_tokenizer = lm_data.tokenizer(source)
+    else:
+        if not Path(source).is_dir():
+            raise ConfigError(f"teacher.tokenizer = {source!r}: expected the folder of a saved Hugging Face "
+                              "tokenizer (save_pretrained) or the size of the built-in tokenizer")
+        from transformers import AutoTokenizer
+
+        teacher_tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    student_tokenizer = lm_data.tokenizer(cfg.data.vocab_size or 512)
+    try:
+        return CrossTokenizer(model, teacher_tokenizer, student_tokenizer, num_classes=spec.num_classes)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"teacher.tokenizer = {source!r}: {err}") from None
 
 
 AUGMENT_PRESETS = ("weak", "strong", "weak_image", "strong_image")
@@ -306,6 +341,8 @@ def run(cfg: RunConfig, *, resume: bool = False, report: bool = True) -> RunResu
         )
     cut = cfg.teacher.num_classes if cfg.teacher is not None else None
     teacher: Teacher | None = Frozen(teacher_model, num_classes=cut) if teacher_model is not None else None
+    if cfg.recipe.name == "cross_tokenizer_kd" and teacher_model is not None:
+        teacher = cross_tokenizer_teacher(cfg, teacher_model)
     eval_teacher: Teacher | None = None
     if cfg.teacher is not None and cfg.teacher.cache is not None:
         teacher, method = cached_teacher(cfg, teacher_model, method, train_data)

@@ -25,14 +25,16 @@ Outputs = dict[str, Tensor]
 
 
 def as_outputs(value: Tensor | Mapping[str, Tensor]) -> Outputs:
-    """A model's output as a dict: a bare tensor becomes ``{"logits": tensor}``."""
+    """A model's output as a dict: a bare tensor becomes ``{"logits": tensor}``. A mapping must hold ``"logits"``,
+    or ``"hidden"`` (a language model's training forward for chunked terms, :class:`mentor.lm.models.HiddenHead`)."""
     if isinstance(value, Tensor):
         return {"logits": value}
-    if isinstance(value, Mapping) and "logits" in value:
+    if isinstance(value, Mapping) and ("logits" in value or "hidden" in value):
         return dict(value)
     if hasattr(value, "logits"):  # Hugging Face model outputs
         return {"logits": value.logits}
-    raise TypeError(f"expected a tensor or a mapping with 'logits', got {type(value).__name__}")
+    raise TypeError(f"expected a tensor or a mapping with 'logits', got {type(value).__name__} (a mapping of a "
+                    "language model's training forward may hold 'hidden' instead)")
 
 
 @runtime_checkable

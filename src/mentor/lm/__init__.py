@@ -8,6 +8,9 @@
 * :mod:`mentor.lm.weighting`: ATKD-style per-token weights from the teacher's uncertainty.
 * :mod:`mentor.lm.align`: teacher and student with different tokenizers: alignment through character offsets and
   teacher-guided token weights (``mentor.losses.uld_distance`` is the other option).
+* :mod:`mentor.lm.cross`: ``CrossTokenizer``, a teacher with its own tokenizer for the loop: the student's rows
+  decoded to text, re-tokenized, the teacher's outputs returned at the student's positions (recipe
+  ``cross_tokenizer_kd``).
 * :mod:`mentor.lm.vocab`: vocabulary checks and truncation of padded output rows.
 * :mod:`mentor.lm.data`: a built-in corpus (standard-library docstrings), a locally trained byte-level BPE
   tokenizer, packing, a prompt/answer task with exact match, local Hugging Face datasets.
@@ -19,7 +22,7 @@ Importing ``mentor.lm`` needs only torch; :mod:`mentor.lm.models` and the tokeni
 ``tokenizers``; :mod:`mentor.lm.generate` runs any model with the ``transformers`` causal-LM call signature.
 """
 
-from mentor.lm import align, data, generate, loop, losses, vocab, weighting
+from mentor.lm import align, cross, data, generate, loop, losses, vocab, weighting
 from mentor.lm.generate import (
     Generation,
     SpeculativeGeneration,
@@ -44,6 +47,7 @@ __all__ = [
     "align",
     "choose_on_policy",
     "count_targets",
+    "cross",
     "data",
     "divergence",
     "generate",

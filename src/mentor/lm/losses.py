@@ -25,6 +25,11 @@ formula.
 * **Sparse teachers.** :func:`token_kd_topk` is the same chunked loop over a teacher given by per-position top-k
   log-probabilities (what :mod:`mentor.cache` stores for sequence items), with
   :func:`mentor.losses.sparse_kl_div` per chunk.
+* **Any loss, rows already selected.** :func:`chunked_loss` is the chunk loop itself for any function of
+  :mod:`mentor.losses` over rows of hidden states (the target positions the training loop selects): the
+  teacher's logits from its hidden rows, or the loss's own target rows (labels, top-k values). The loop's chunked
+  LM terms call it (:mod:`mentor.recipes.lm_kd`); :func:`token_kd` and :func:`token_kd_topk` select their positions
+  and call it too.
 * **Vocabularies.** See :mod:`mentor.lm.vocab`: equal output sizes are required unless ``vocab_size`` (the shared
   tokenizer's length) is given, in which case both sides are truncated to ``[0, vocab_size)``.
 
@@ -52,6 +57,7 @@ __all__ = [
     "divergence",
     "target_mask",
     "count_targets",
+    "chunked_loss",
     "select_token_weights",
     "token_kd",
     "token_kd_from_logits",
@@ -242,11 +248,10 @@ def _teacher_head(head: HeadLike) -> tuple[Callable[[Tensor], Tensor], int | Non
     """A no-grad function ``hidden [n, D] -> logits [n, V]`` and ``V`` when known without calling it."""
     if isinstance(head, Tensor):
         weight = head.detach()
-        return (lambda h: F.linear(h, weight)), weight.shape[0]
+        return (lambda h: F.linear(h.to(weight.dtype), weight)), weight.shape[0]
     if isinstance(head, nn.Linear):
-        return (lambda h: F.linear(h, head.weight.detach(), None if head.bias is None else head.bias.detach())), (
-            head.out_features
-        )
+        return (lambda h: F.linear(h.to(head.weight.dtype), head.weight.detach(),
+                                   None if head.bias is None else head.bias.detach())), head.out_features
     if callable(head):
         return head, None
     raise TypeError(f"teacher_head must be an nn.Linear, a weight tensor [V, D] or a callable, got {head!r}")
@@ -267,7 +272,8 @@ def _chunk_loop(
     want: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The loss over ``hidden`` ``[N, D]`` chunk by chunk, and the gradients asked for by ``want`` (hidden, weight,
-    bias). Runs without building a graph outside each chunk's loss."""
+    bias). Runs without building a graph outside each chunk's loss. Hidden states of another dtype than the weight
+    (bfloat16 states from an autocast forward, float32 weights) are cast to the weight's dtype chunk by chunk."""
     w = weight.detach()[:vocab]
     b = None if bias is None else bias.detach()[:vocab]
     h_all = hidden.detach()
@@ -277,7 +283,7 @@ def _chunk_loop(
     total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     for start in range(0, h_all.shape[0], chunk_size):
         stop = min(start + chunk_size, h_all.shape[0])
-        h = h_all[start:stop]
+        h = h_all[start:stop].to(w.dtype)
         logits = F.linear(h, w, b)
         if not any(want):
             with torch.no_grad():
@@ -364,6 +370,105 @@ def _run_chunks(
         return _chunk_loop(s, weight, bias, chunk_loss, chunk_size, vocab, (False,) * 3)[0]
     out = _ChunkedTokenKD.apply(s, weight, bias, chunk_loss, chunk_size, vocab)
     return out  # type: ignore[no-any-return]
+
+
+def chunked_loss(
+    student_hidden: Tensor,
+    target: Tensor,
+    *,
+    loss: Callable[..., Tensor],
+    student_head: nn.Module | Tensor,
+    teacher_head: HeadLike | None = None,
+    chunk_size: int = 1024,
+    num_items: NumItems = None,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """A loss of :mod:`mentor.losses` on the student's logits at rows of hidden states, ``chunk_size`` rows at a time.
+
+    The chunk loop of :func:`token_kd`, for any loss ``loss(student_logits [n, V], target [n, ...], *, mask,
+    num_items, **kwargs)``: per chunk the student's logits ``[n, V]`` (``student_head`` on the chunk's hidden
+    states), the chunk's target (the teacher's logits from its hidden states with ``teacher_head``, without
+    gradient; or the target rows as given) and the loss with the normaliser of all rows, so the full ``[rows, V]``
+    logits never exist. This is what the loop's chunked LM terms call (see :func:`mentor.recipes.lm_kd.token_terms`):
+    ``loss`` is ``losses.kl_div`` / ``generalized_jsd`` / ... against ``"teacher.hidden"``, ``losses.cross_entropy``
+    against the labels, or ``losses.sparse_kl_div`` against a cache's top-k; no formula is restated here.
+
+    Args:
+        student_hidden: The student's final hidden states ``[..., D]``: ``[N, D]`` target positions in the loop.
+        target: Aligned with the rows of ``student_hidden`` (same leading shape): the teacher's hidden states
+            ``[..., Dt]`` with ``teacher_head``; else the loss's own target per row (labels ``[...]`` for
+            ``cross_entropy``, top-k log-probabilities ``[..., k]`` for ``sparse_kl_div``). Used without gradient.
+        loss: A function of :mod:`mentor.losses` (or a ``functools.partial`` of one).
+        student_head: The student's output layer: an ``nn.Linear`` or its weight ``[V, D]``; gradients flow into it.
+        teacher_head: The teacher's output layer (``nn.Linear``, weight ``[Vt, Dt]`` or a callable ``[n, Dt] ->
+            [n, Vt]``) when ``target`` holds the teacher's hidden states; ``None`` otherwise.
+        chunk_size: Rows per chunk (> 0).
+        num_items: Normaliser of the sum over rows (the step's target tokens in the loop); ``None``: the number of
+            rows kept (at least 1).
+        mask: ``None``; bool ``[...]`` (rows kept); or float weights ``[...]`` (rows of weight 0 are skipped, the
+            others' weights reach the loss as its float ``mask``).
+        vocab_size: Compare over the first ``vocab_size`` logits (padded output rows, see
+            :func:`mentor.lm.vocab.shared_vocab_size`).
+        **kwargs: More arguments of ``loss``: tensors are per row (leading shape of ``student_hidden``, sliced with
+            the chunk, e.g. ``teacher_indices``), anything else is passed as it is (``temperature``, ``tail``).
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs); 0 without rows. Not twice differentiable.
+    """
+    chunk = _check_chunk_size(chunk_size)
+    if not callable(loss):
+        raise TypeError(f"loss must be a function of mentor.losses, got {loss!r}")
+    if student_hidden.dim() < 2:
+        raise ValueError(f"student hidden states must be [..., D], got shape {tuple(student_hidden.shape)}")
+    lead, width = student_hidden.shape[:-1], student_hidden.shape[-1]
+    rows = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
+    for name, value in (("target", target), *rows.items()):
+        if value.shape[: len(lead)] != lead:
+            raise ValueError(f"{name} must have the rows of the student's hidden states {tuple(student_hidden.shape)} "
+                             f"(leading shape {tuple(lead)}), got shape {tuple(value.shape)}")
+    if mask is not None and mask.shape != lead:
+        raise ValueError(f"mask must have the shape {tuple(lead)} of the hidden states' rows, got {tuple(mask.shape)}")
+    weight, bias = _student_head(student_head)
+    if weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(f"student head weight must be [V, {width}] for hidden width {width}, "
+                         f"got {tuple(weight.shape)}")
+    s = student_hidden.reshape(-1, width)
+    t = target.detach().reshape(-1, *target.shape[len(lead):])
+    rows = {k: v.detach().reshape(-1, *v.shape[len(lead):]) for k, v in rows.items()}
+    weights = None
+    if mask is not None:
+        flat = mask.detach().reshape(-1)
+        keep = flat if flat.dtype == torch.bool else flat != 0
+        s, t = s[keep], t[keep]
+        rows = {k: v[keep] for k, v in rows.items()}
+        weights = None if flat.dtype == torch.bool else flat[keep]
+    norm = _normaliser(num_items, s.shape[0])
+    plain = {k: v for k, v in kwargs.items() if k not in rows}
+    if teacher_head is not None:
+        teacher_logits, teacher_size = _teacher_head(teacher_head)
+        if teacher_size is None:  # a callable head: learn its output size from one row
+            with torch.no_grad():
+                teacher_size = int(teacher_logits(t[:1]).shape[-1]) if t.shape[0] else int(weight.shape[0])
+        vocab = shared_vocab_size(weight.shape[0], teacher_size, vocab_size)
+
+        def target_rows(start: int, stop: int) -> Tensor:
+            with torch.no_grad():
+                return teacher_logits(t[start:stop])[:, :vocab]
+    else:
+        size = int(weight.shape[0])
+        vocab = shared_vocab_size(size, size if vocab_size is None else vocab_size, vocab_size)
+
+        def target_rows(start: int, stop: int) -> Tensor:
+            return t[start:stop]
+
+    def chunk_loss(logits: Tensor, start: int, stop: int) -> Tensor:
+        return loss(logits, target_rows(start, stop), num_items=norm,
+                    mask=None if weights is None else weights[start:stop],
+                    **{k: v[start:stop] for k, v in rows.items()}, **plain)
+
+    return _run_chunks(s, weight, bias, chunk_loss, chunk, vocab)
 
 
 def select_token_weights(
@@ -453,7 +558,7 @@ def token_kd(
             f"hidden states [B, T, D] must match labels [B, T]: student {tuple(student_hidden.shape)}, teacher "
             f"{tuple(teacher_hidden.shape)}, labels {tuple(labels.shape)}"
         )
-    weight, bias = _checked_student(student_hidden, student_head, labels)
+    weight, _ = _checked_student(student_hidden, student_head, labels)
     teacher_logits, teacher_size = _teacher_head(teacher_head)
     mask = target_mask(labels, shift=shift, ignore_index=ignore_index)
     s = (student_hidden[:, :-1] if shift else student_hidden)[mask]  # [N, Ds]
@@ -466,14 +571,8 @@ def token_kd(
     _check_targets(labels, mask, shift, vocab)
     norm = _normaliser(num_items, s.shape[0])
     w = select_token_weights(token_weights, labels, mask, shift=shift)
-
-    def chunk_loss(logits: Tensor, start: int, stop: int) -> Tensor:
-        with torch.no_grad():
-            target = teacher_logits(t[start:stop])[:, :vocab]
-        weights = None if w is None else w[start:stop]
-        return div(logits, target, num_items=norm, mask=weights)
-
-    return _run_chunks(s, weight, bias, chunk_loss, chunk, vocab)
+    return chunked_loss(s, t, loss=div, student_head=student_head, teacher_head=teacher_head, chunk_size=chunk,
+                        num_items=norm, mask=w, vocab_size=vocab)
 
 
 def _check_topk(teacher_values: Tensor, teacher_indices: Tensor, labels: Tensor) -> None:
@@ -546,7 +645,7 @@ def token_kd_topk(
     """
     chunk = _check_chunk_size(chunk_size)
     _check_topk(teacher_values, teacher_indices, labels)
-    weight, bias = _checked_student(student_hidden, student_head, labels)
+    weight, _ = _checked_student(student_hidden, student_head, labels)
     vocab = shared_vocab_size(weight.shape[0], weight.shape[0] if vocab_size is None else vocab_size, vocab_size)
     mask = target_mask(labels, shift=shift, ignore_index=ignore_index)
     _check_targets(labels, mask, shift, vocab)
@@ -557,15 +656,9 @@ def token_kd_topk(
     indices = indices.long()
     norm = _normaliser(num_items, s.shape[0])
     w = select_token_weights(token_weights, labels, mask, shift=shift)
-
-    def chunk_loss(logits: Tensor, start: int, stop: int) -> Tensor:
-        weights = None if w is None else w[start:stop]
-        return losses.sparse_kl_div(
-            logits, values[start:stop], indices[start:stop], tail=tail, temperature=temperature,
-            mask=weights, num_items=norm,
-        )
-
-    return _run_chunks(s, weight, bias, chunk_loss, chunk, vocab)
+    return chunked_loss(s, values, loss=losses.sparse_kl_div, student_head=student_head, chunk_size=chunk,
+                        num_items=norm, mask=w, vocab_size=vocab, teacher_indices=indices, tail=tail,
+                        temperature=temperature)
 
 
 def token_kd_topk_from_logits(

@@ -6,7 +6,10 @@ pair of issue 6 is :func:`tiny_teacher` (4 layers, width 256, about 3.4 M parame
 :func:`tiny_student` (2 layers, width 128, about 0.53 M).
 
 :func:`final_hidden` runs a model's decoder only (no ``lm_head``, no logits) and :func:`output_head` returns its
-output layer: together they are what :func:`mentor.lm.losses.token_kd` takes.
+output layer: together they are what :func:`mentor.lm.losses.token_kd` takes. :class:`HiddenHead` is the same
+pair as a module whose forward returns them (``{"hidden", "head"}``): the training forward of the loop's chunked LM
+terms, for the student (:func:`mentor.train.fit` hands the wrapper to Accelerate and evaluates and exports the model
+inside) and, through :func:`hidden_teacher`, for a frozen teacher.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("mentor.lm.models needs transformers: pip install 'mentor[lm]'") from err
 
-__all__ = ["tiny_llama", "tiny_teacher", "tiny_student", "final_hidden", "output_head", "output_size"]
+__all__ = ["tiny_llama", "tiny_teacher", "tiny_student", "final_hidden", "output_head", "output_size", "HiddenHead",
+           "hidden_teacher"]
 
 
 def tiny_llama(
@@ -142,3 +146,80 @@ def final_hidden(
     kwargs = {} if position_ids is None else {"position_ids": position_ids}
     out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state  # type: ignore[no-any-return]
+
+
+class HiddenHead(nn.Module):
+    """A causal LM's forward without logits: final hidden states and the output layer's weight.
+
+    ``forward(input_ids) -> {"hidden": [B, T, D], "head": [V, D]}``: the decoder's final hidden states
+    (:func:`final_hidden`) and the weight of its output layer (the parameter itself, so gradients reach it through
+    the chunked losses of :mod:`mentor.lm.losses`), plus ``"logits"`` ``[B, T, V]`` when asked for (a method that
+    mixes chunked terms with terms on the logits). The wrapped model is :attr:`model` (its parameters are this
+    module's, under ``model.``); nothing else is held, so the wrapper trains, checkpoints and exports exactly the
+    model's weights when the loop unwraps it.
+
+    Args:
+        model: A Hugging Face causal LM whose logits are its output layer (no soft-capping or logit scale) without
+            a bias, and which has a separate decoder (``base_model``).
+        num_classes: Keep only the first ``num_classes`` rows of the output layer (a teacher whose output layer is
+            padded beyond the shared vocabulary, as :class:`mentor.teachers.Frozen` ``num_classes``).
+        logits: Also return the full logits.
+
+    Raises:
+        ValueError: The model transforms its logits after the output layer, its output layer has a bias, or
+            ``num_classes`` exceeds its rows.
+        TypeError: The model has no separate decoder or no linear output layer.
+    """
+
+    model: PreTrainedModel
+    num_classes: int | None
+    logits: bool
+
+    def __init__(self, model: nn.Module, *, num_classes: int | None = None, logits: bool = False) -> None:
+        super().__init__()
+        base = getattr(model, "base_model", None)
+        if not isinstance(model, PreTrainedModel) or not isinstance(base, nn.Module) or base is model:
+            raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM with a separate decoder "
+                            "(base_model): its final hidden states cannot be computed without its logits")
+        head = output_head(model)
+        if head.bias is not None:
+            raise ValueError(f"{type(model).__name__}'s output layer has a bias; the chunked LM terms take a "
+                             "bias-free output layer (use the full-logits terms: recipe argument chunk_size null)")
+        if num_classes is not None and not 1 <= num_classes <= head.out_features:
+            raise ValueError(f"num_classes must be in [1, {head.out_features}] (the output layer's rows), "
+                             f"got {num_classes!r}")
+        self.model = model
+        self.num_classes = num_classes
+        self.logits = logits
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"hidden": [B, T, D], "head": [V, D]}`` (and ``"logits"`` ``[B, T, V]``) of ``input_ids`` ``[B, T]``."""
+        hidden = final_hidden(self.model, input_ids, attention_mask)
+        weight = output_head(self.model).weight
+        if self.num_classes is not None:
+            weight = weight[: self.num_classes]
+        out = {"hidden": hidden, "head": weight}
+        if self.logits:
+            out["logits"] = torch.nn.functional.linear(hidden, weight)
+        return out
+
+
+def hidden_teacher(teacher: Any) -> Any:
+    """A frozen LM teacher whose ``targets`` are ``{"hidden", "head"}`` (a :class:`HiddenHead` of its network):
+    the teacher's training forward for the chunked LM terms. The same network, frozen, with the same input
+    transform and the same cut to ``num_classes``; the teacher given is left as it is (evaluation uses its logits).
+
+    Raises:
+        ValueError: ``teacher`` is not a :class:`mentor.teachers.Frozen` of a Hugging Face causal LM.
+    """
+    from mentor.teachers import Frozen
+
+    model = getattr(teacher, "model", None)
+    if not isinstance(teacher, Frozen) or not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            "the chunked LM terms read the teacher's final hidden states ('teacher.hidden'), which needs a frozen "
+            f"Hugging Face causal LM (teachers.Frozen(model)) or, for forward KL, a teacher cache; got "
+            f"{type(teacher).__name__}. For a teacher that only gives logits, use the full-logits terms "
+            "(recipe argument chunk_size=None)"
+        )
+    return Frozen(HiddenHead(model, num_classes=teacher.num_classes), input_transform=teacher.input_transform)

@@ -10,7 +10,7 @@ taken over that range only. The padded rows then get no distillation gradient.
 Truncation is only done when asked for, by passing ``vocab_size`` (the tokenizer's length, ``len(tokenizer)``):
 without it, output sizes that differ are refused with an error that names both, because two genuinely different
 vocabularies (different tokenizers) of nearly equal size are not comparable row by row. Different tokenizers need
-token alignment (not built yet, see ``DEVELOPERS.md``).
+token alignment: :class:`mentor.lm.cross.CrossTokenizer` with the recipe ``cross_tokenizer_kd``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def shared_vocab_size(student_size: int, teacher_size: int, vocab_size: int | No
             raise ValueError(
                 f"student has {student_size} logits but teacher has {teacher_size}: vocabularies differ. If both "
                 f"use the same tokenizer and the extra rows are padding, pass vocab_size=len(tokenizer) to compare "
-                f"the shared range [0, vocab_size); models with different tokenizers need token alignment"
+                f"the shared range [0, vocab_size); models with different tokenizers need token alignment "
+                f"(recipe cross_tokenizer_kd with a mentor.lm.cross.CrossTokenizer teacher)"
             )
         return int(student_size)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:

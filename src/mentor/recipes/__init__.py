@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from mentor.method import Method
 from mentor.recipes.attention_transfer import attention_transfer
 from mentor.recipes.born_again import born_again
+from mentor.recipes.cross_tokenizer_kd import cross_tokenizer_kd
 from mentor.recipes.dist import dist
 from mentor.recipes.dkd import dkd
 from mentor.recipes.dml import Cohort, dml
@@ -41,7 +42,8 @@ __all__ = ["RECIPES", "Cohort", "dml", "multi_teacher", "noisy_student",
            "attention_transfer", "born_again", "build_recipe", "dist", "dkd", "feature_regression",
            "fitnet", "hard_label_kd", "hinton_kd", "ltd", "ofa", "rkd", "similarity_preserving", "simkd",
            "simkd_student", "supervised", "transfer_kd", "mean_teacher", "fixmatch", "flexmatch", "freematch",
-           "softmatch", "lm_kd", "seq_kd", "gkd", "skd", "reverse_kl_on_policy"]
+           "softmatch", "lm_kd", "seq_kd", "gkd", "skd", "reverse_kl_on_policy",
+           "cross_tokenizer_kd"]
 
 RECIPES: Mapping[str, Callable[..., Method]] = {
     "supervised": supervised,
@@ -72,6 +74,7 @@ RECIPES: Mapping[str, Callable[..., Method]] = {
     "gkd": gkd,
     "skd": skd,
     "reverse_kl_on_policy": reverse_kl_on_policy,
+    "cross_tokenizer_kd": cross_tokenizer_kd,  # teacher with another tokenizer: ULD + VocAgnoLM-weighted CE
 }
 
 

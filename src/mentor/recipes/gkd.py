@@ -32,6 +32,7 @@ def gkd(
     ce_weight: float = 0.0,
     eos_id: int = 2,
     pad_id: int = 0,
+    chunk_size: int | None = 1024,
 ) -> Method:
     """GKD: on-policy student samples with probability ``lmbda``, generalised JSD.
 
@@ -47,12 +48,15 @@ def gkd(
             step); 0: none.
         eos_id: End-of-sequence id of the tokenizer (built-in: 2).
         pad_id: Padding id (built-in: 0).
+        chunk_size: Target positions per chunk of the losses, computed from both models' hidden states (the full
+            logits never exist; see :mod:`mentor.recipes.lm_kd`), or ``None`` for the terms on the full logits.
     """
     hook = OnPolicy(lmbda=lmbda, max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p,
                     eos_id=eos_id, pad_id=pad_id)
     return Method(
         name="gkd",
-        terms=token_terms(divergence, temperature, beta if divergence == "jsd" else None, None, 1.0, ce_weight),
+        terms=token_terms(divergence, temperature, beta if divergence == "jsd" else None, None, 1.0, ce_weight,
+                          chunk_size),
         batch_hook=hook,
         description="causal LM: on-policy GKD, student samples with prob. lambda + generalised JSD (Agarwal 2024)",
     )

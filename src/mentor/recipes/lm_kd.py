@@ -9,19 +9,53 @@ number of target tokens in the whole optimiser step, so gradient accumulation do
 
     loss = kd_weight * sum_tokens D(p_teacher, p_student) / N  +  ce_weight * sum_tokens CE(student, token) / N
 
+**Chunked (the default, ``chunk_size`` target positions at a time).** The terms read the student's final hidden
+states and output layer (``"hidden"``, ``"head"``) and the teacher's (``"teacher.hidden"``, ``"teacher.head"``)
+instead of logits: the loop runs both models without their output layer (:class:`mentor.lm.models.HiddenHead`)
+and :func:`mentor.lm.losses.chunked_loss` computes the same divergence of :mod:`mentor.losses` (and the
+cross-entropy) chunk by chunk, so at most one ``[chunk_size, vocab]`` float32 logits block per model is alive at a
+time and the full ``[tokens, vocab]`` logits never exist. ``chunk_size=None`` is the full-logits form (terms on
+``"logits"``; needed for a teacher that gives only logits, e.g. ``teachers.Callable``).
+
 With a teacher cache (``teacher.cache``, per-position top-k) the forward KL reads the top-k directly
-(:func:`mentor.cache.use_sparse_targets` -> :func:`mentor.losses.sparse_kl_div`); other divergences read the dense
-reconstruction.
+(:func:`mentor.cache.use_sparse_targets` -> :func:`mentor.losses.sparse_kl_div`, chunked like the rest); other
+divergences read the dense reconstruction.
 """
 
 from __future__ import annotations
 
+import numbers
+
 from mentor import losses
-from mentor.lm.losses import DIVERGENCES
+from mentor.lm.losses import DIVERGENCES, chunked_loss
 from mentor.lm.losses import divergence as make_divergence
 from mentor.method import Method, Term
 
-__all__ = ["lm_kd", "token_terms"]
+__all__ = ["lm_kd", "token_terms", "ce_term", "check_chunk_size", "STUDENT_HEAD", "HEADS"]
+
+STUDENT_HEAD = {"student_head": "head"}
+"""The ``shared`` arguments of a chunked term that reads only the student's output layer."""
+HEADS = {"student_head": "head", "teacher_head": "teacher.head"}
+"""The ``shared`` arguments of a chunked term against the teacher's hidden states."""
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``chunk_size`` checked: a positive integer, or ``None`` (the full-logits terms)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size = {chunk_size!r}: expected a positive integer (target positions per chunk) "
+                         "or None / null (full logits)")
+    return None if chunk_size is None else int(chunk_size)
+
+
+def ce_term(weight: float = 1.0, chunk_size: int | None = 1024) -> Term:
+    """The cross-entropy on the batch's target tokens (``"ce"``, over target positions): on the logits, or chunked
+    from the student's hidden states (``chunk_size``)."""
+    chunk = check_chunk_size(chunk_size)
+    if chunk is None:
+        return Term("ce", losses.cross_entropy, target="label", items="labelled", weight=float(weight))
+    return Term("ce", chunked_loss, student="hidden", target="label", items="labelled", weight=float(weight),
+                kwargs={"loss": losses.cross_entropy, "chunk_size": chunk}, shared=STUDENT_HEAD)
 
 
 def token_terms(
@@ -31,9 +65,14 @@ def token_terms(
     skew: float | None = None,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
+    chunk_size: int | None = 1024,
 ) -> tuple[Term, ...]:
     """The token-level KD term (``"kd"``, over target positions) and, with ``ce_weight > 0``, the cross-entropy
-    on the data's tokens (``"ce"``). Arguments as in :func:`lm_kd`."""
+    on the data's tokens (``"ce"``). Arguments as in :func:`lm_kd`.
+
+    With ``chunk_size`` the KD term is ``chunked_loss(student "hidden", "teacher.hidden", loss=<the divergence's
+    mentor.losses function>, chunk_size=..., <its hyper-parameters>)`` with the two output layers as ``shared``
+    arguments; without it, the divergence on ``"logits"`` and ``"teacher.logits"``."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -41,14 +80,21 @@ def token_terms(
     for name, value in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    chunk = check_chunk_size(chunk_size)
     fn = make_divergence(divergence, temperature=float(temperature), beta=beta, alpha=skew)  # validates beta / skew
     kwargs = dict(fn.keywords)  # type: ignore[attr-defined]
     if divergence == "forward_kl":
         kwargs.pop("reverse", None)  # plain kl_div(temperature=T): what a teacher cache turns into sparse_kl_div
-    terms = [Term("kd", fn.func, target="teacher.logits", items="labelled",  # type: ignore[attr-defined]
-                  weight=float(kd_weight), kwargs=kwargs)]
+    if chunk is None:
+        kd = Term("kd", fn.func, target="teacher.logits", items="labelled",  # type: ignore[attr-defined]
+                  weight=float(kd_weight), kwargs=kwargs)
+    else:
+        kd = Term("kd", chunked_loss, student="hidden", target="teacher.hidden", items="labelled",
+                  weight=float(kd_weight), kwargs={"loss": fn.func, **kwargs, "chunk_size": chunk},  # type: ignore[attr-defined]
+                  shared=HEADS)
+    terms = [kd]
     if ce_weight > 0:
-        terms.append(Term("ce", losses.cross_entropy, target="label", items="labelled", weight=float(ce_weight)))
+        terms.append(ce_term(ce_weight, chunk))
     return tuple(terms)
 
 
@@ -59,6 +105,7 @@ def lm_kd(
     skew: float | None = None,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
+    chunk_size: int | None = 1024,
 ) -> Method:
     """Token-level KD of a causal LM on the data's sequences.
 
@@ -69,9 +116,11 @@ def lm_kd(
         skew: The skew divergences only: the skew in ``[0, 1)`` (default 0.1).
         kd_weight: Weight of the KD term.
         ce_weight: Weight of the cross-entropy on the data's target tokens (0: none).
+        chunk_size: Target positions per chunk of the losses (from hidden states; the full logits never exist), or
+            ``None`` for the terms on the full logits.
     """
     return Method(
         name="lm_kd",
-        terms=token_terms(divergence, temperature, beta, skew, kd_weight, ce_weight),
+        terms=token_terms(divergence, temperature, beta, skew, kd_weight, ce_weight, chunk_size),
         description="causal LM: token-level KD over target positions (forward/reverse KL, JSD, skew KL, TVD)",
     )

@@ -25,6 +25,7 @@ def reverse_kl_on_policy(
     ce_weight: float = 0.0,
     eos_id: int = 2,
     pad_id: int = 0,
+    chunk_size: int | None = 1024,
 ) -> Method:
     """Reverse KL on the student's own samples, every step.
 
@@ -36,12 +37,14 @@ def reverse_kl_on_policy(
         ce_weight: Weight of a cross-entropy on the sampled tokens (0: none).
         eos_id: End-of-sequence id (built-in tokenizer: 2).
         pad_id: Padding id (built-in: 0).
+        chunk_size: Target positions per chunk of the losses, computed from both models' hidden states (the full
+            logits never exist; see :mod:`mentor.recipes.lm_kd`), or ``None`` for the terms on the full logits.
     """
     hook = OnPolicy(lmbda=1.0, max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p,
                     eos_id=eos_id, pad_id=pad_id)
     return Method(
         name="reverse_kl_on_policy",
-        terms=token_terms("reverse_kl", temperature, None, None, 1.0, ce_weight),
+        terms=token_terms("reverse_kl", temperature, None, None, 1.0, ce_weight, chunk_size),
         batch_hook=hook,
         description="causal LM: MiniLLM-style, reverse KL on the student's own samples every step",
     )

@@ -11,9 +11,8 @@ word- and sequence-level KD).
 
 from __future__ import annotations
 
-from mentor import losses
 from mentor.method import Method, Term
-from mentor.recipes.lm_kd import token_terms
+from mentor.recipes.lm_kd import ce_term, token_terms
 
 __all__ = ["seq_kd"]
 
@@ -23,6 +22,7 @@ def seq_kd(
     temperature: float = 0.0,
     kd_weight: float = 0.0,
     kd_temperature: float = 1.0,
+    chunk_size: int | None = 1024,
 ) -> Method:
     """Cross-entropy on teacher-generated answers.
 
@@ -31,15 +31,17 @@ def seq_kd(
         temperature: The teacher's generation temperature (0: greedy).
         kd_weight: Weight of an added token-level forward KL to the teacher on the teacher's text (0: none).
         kd_temperature: Temperature of that KL.
+        chunk_size: Target positions per chunk of the losses, computed from hidden states (the full
+            logits never exist; see :mod:`mentor.recipes.lm_kd`), or ``None`` for the terms on the full logits.
     """
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1 or null, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    terms: tuple[Term, ...] = (Term("ce", losses.cross_entropy, target="label", items="labelled"),)
+    terms: tuple[Term, ...] = (ce_term(1.0, chunk_size),)
     if kd_weight > 0:
-        terms += token_terms("forward_kl", kd_temperature, None, None, kd_weight, 0.0)
+        terms += token_terms("forward_kl", kd_temperature, None, None, kd_weight, 0.0, chunk_size)
     return Method(
         name="seq_kd",
         terms=terms,

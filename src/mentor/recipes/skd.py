@@ -29,6 +29,7 @@ def skd(
     ce_weight: float = 0.0,
     eos_id: int = 2,
     pad_id: int = 0,
+    chunk_size: int | None = 1024,
 ) -> Method:
     """Speculative KD: interleaved student proposals and teacher corrections, then token-level KD.
 
@@ -45,12 +46,14 @@ def skd(
         ce_weight: Weight of a cross-entropy on the batch's tokens (0: none).
         eos_id: End-of-sequence id (built-in tokenizer: 2).
         pad_id: Padding id (built-in: 0).
+        chunk_size: Target positions per chunk of the losses, computed from both models' hidden states (the full
+            logits never exist; see :mod:`mentor.recipes.lm_kd`), or ``None`` for the terms on the full logits.
     """
     hook = OnPolicy(lmbda=lmbda, max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p,
                     speculative_top_k=top_k, teacher_temperature=teacher_temperature, eos_id=eos_id, pad_id=pad_id)
     return Method(
         name="skd",
-        terms=token_terms(divergence, temperature, beta, None, 1.0, ce_weight),
+        terms=token_terms(divergence, temperature, beta, None, 1.0, ce_weight, chunk_size),
         batch_hook=hook,
         description="causal LM: speculative KD, student proposals replaced outside the teacher's top-k (Xu 2024)",
     )
