@@ -33,6 +33,7 @@ Each configuration runs in a fresh subprocess (so peak memory is its own). Measu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -233,12 +234,6 @@ def worker_mentor_fit(cfg: dict[str, Any]) -> dict[str, Any]:
     times: list[float] = []
     clock = [time.perf_counter()]
 
-    def count(module: torch.nn.Module, args: tuple[Any, ...]) -> None:  # training forwards only, not sampling
-        if module.training:
-            tokens.append(int((args[0] != pad).sum()))
-
-    student.register_forward_pre_hook(count)
-
     class Clock(teachers.Frozen):  # the loop calls update once per optimiser step
         def update(self, _student: torch.nn.Module, _step: int) -> None:
             now = time.perf_counter()
@@ -247,6 +242,17 @@ def worker_mentor_fit(cfg: dict[str, Any]) -> dict[str, Any]:
 
     method = recipes.gkd(lmbda=cfg["lmbda"], beta=BETA, max_new_tokens=cfg["max_new"],
                          sample_temperature=TEMPERATURE, eos_id=int(train.eos_id), pad_id=pad)
+    hook = method.batch_hook
+    assert hook is not None
+
+    def count(x: torch.Tensor, y: torch.Tensor, context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # The tokens of each training batch, as the batch hook leaves it (a forward hook on the student would also
+        # keep generate.sample off its lean decoder, which runs no module's forward).
+        x, y = hook(x, y, context)
+        tokens.append(int((x != pad).sum()))
+        return x, y
+
+    method = dataclasses.replace(method, batch_hook=count)
     rss0 = _rss_kib()
     clock[0] = time.perf_counter()
     result = fit(student, method, train, teacher=Clock(teacher), epochs=1, max_steps=steps, batch_size=BATCH,

@@ -23,19 +23,28 @@ Conventions shared by every function here:
   ``max_new_tokens``, so the completion width ``G`` may be less than ``max_new_tokens``.
 * ``temperature=0`` is greedy (arg-max). ``vocab_size`` restricts sampling to ids ``[0, vocab_size)`` (models
   whose output layer has padded rows).
-* Models run in eval mode during sampling (no dropout: dropout would draw from the global generator) and are put
-  back in the mode they had; no gradient is recorded.
+* No dropout (it would draw from the global generator): a model that runs its own forward is put in eval mode
+  and back in the mode it had; no gradient is recorded.
+* How a model is run (``decoder=``): small stock Llama / Mistral / Qwen2 models go through
+  :class:`mentor.lm.decode.LeanDecoder` (the same logits up to float rounding, the same tokens, a few times faster
+  on small models; see that module), every other model through its own forward with its KV cache. ``"auto"``
+  (default) chooses and logs the reason at debug level when it falls back; ``"model"`` forces the forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from mentor.lm.decode import LeanDecoder, unsupported_reason
 
 __all__ = [
     "Generation",
@@ -49,6 +58,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,14 +136,24 @@ def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
 
 
 def _draw(logits: Tensor, temperature: float, top_p: float | None, generator: torch.Generator) -> Tensor:
-    """One token per row from ``logits`` ``[B, V]``: arg-max at temperature 0, else a multinomial draw."""
+    """One token per row from ``logits`` ``[B, V]``: arg-max at temperature 0, else a draw from the softmax.
+
+    The draw is ``argmax(p / e)`` with ``e ~ Exp(1)`` per class from ``generator`` (the exponential race: class ``i``
+    wins with probability ``p_i``). This is how ``torch.multinomial(p, 1, generator=...)`` draws one sample
+    (torch 2.x), so the tokens are the same as its; written out because ``multinomial`` first checks ``p`` with a
+    dozen small operations (about a sixth of a decode step of a small model). A NaN in ``p`` (NaN or infinite
+    logits) is refused here instead.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     z = logits.float() / temperature
     if top_p is not None:
         z = filter_top_p(z, top_p)
     probs = z.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if math.isnan(float(probs.sum())):
+        raise ValueError("cannot sample: the model's logits contain NaN or infinite values")
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return torch.div(probs, race, out=race).argmax(dim=-1)
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float | None = None, open_low: bool = False) -> float:
@@ -175,7 +195,8 @@ def _seed_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 class _Decoder:
-    """One causal LM continuing a batch of left-padded prompts with its KV cache."""
+    """One causal LM continuing a batch of left-padded prompts through its own forward and KV cache (any model
+    with the ``transformers`` causal-LM call signature)."""
 
     def __init__(self, model: nn.Module, vocab_size: int | None) -> None:
         self.model = model
@@ -186,6 +207,7 @@ class _Decoder:
         self.vocab_size = vocab_size
         self.cache: Any = None
         self.positions: Tensor | None = None
+        self.mask: Tensor | None = None
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
         kwargs: dict[str, Any] = {
@@ -203,17 +225,56 @@ class _Decoder:
         logits: Tensor = out.logits[:, -1]
         return logits if self.vocab_size is None else logits[:, : self.vocab_size]
 
-    def start(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+    def start(self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int) -> Tensor:
         """Run the prompts; return the next-token logits ``[B, V]``."""
         positions = position_ids_of(prompt_mask)
         self.positions = positions[:, -1:]
-        return self._forward(prompt_ids, prompt_mask, positions)
+        self.mask = prompt_mask.long()
+        return self._forward(prompt_ids, self.mask, positions)
 
-    def step(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        """Feed one token per row (``mask`` is the attention mask of everything so far, this token included)."""
-        assert self.positions is not None
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row ``[B]``; return the next-token logits ``[B, V]``."""
+        assert self.positions is not None and self.mask is not None
         self.positions = self.positions + 1
-        return self._forward(tokens[:, None], mask, self.positions)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return self._forward(tokens[:, None], self.mask, self.positions)
+
+
+DECODERS = ("auto", "lean", "model")
+
+
+def _check_decoder(decoder: Any) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+
+
+def _decoder(model: nn.Module, vocab_size: int | None, decoder: str, length: int) -> _Decoder | LeanDecoder:
+    """The decoder for ``model``: :class:`mentor.lm.decode.LeanDecoder` where it applies (``"auto"``) or is asked
+    for (``"lean"``, refused with the reason where it does not apply), else the model's own forward."""
+    _check_decoder(decoder)
+    if decoder == "model":
+        return _Decoder(model, vocab_size)
+    reason = unsupported_reason(model, length)
+    if reason is None:
+        return LeanDecoder(model, vocab_size)
+    if decoder == "lean":
+        raise ValueError(f"decoder='lean' does not apply to {type(model).__name__}: {reason}; use decoder='auto'")
+    logger.debug("sampling %s through its own forward (lean decoder off: %s)", type(model).__name__, reason)
+    return _Decoder(model, vocab_size)
+
+
+def _generic(models: list[nn.Module], decoders: list[Any]) -> list[nn.Module]:
+    """The models that run their own forward (put in eval mode while sampling; the lean decoder has no dropout)."""
+    return [m for m, d in zip(models, decoders, strict=True) if isinstance(d, _Decoder)]
+
+
+def _inference(*decoders: Any) -> contextlib.AbstractContextManager[Any]:
+    """``torch.inference_mode`` around a sampling loop whose decoders are all lean (cheaper tensor operations; the
+    tokens it makes are inference tensors until :func:`_assemble` copies them out), else nothing: a model's own
+    forward may keep tensors (hooks, caches) that must stay usable by autograd."""
+    if decoders and all(isinstance(d, LeanDecoder) for d in decoders):
+        return torch.inference_mode()
+    return contextlib.nullcontext()
 
 
 class _EvalMode:
@@ -276,6 +337,7 @@ def sample(
     eos_id: int | None,
     pad_id: int,
     vocab_size: int | None = None,
+    decoder: str = "auto",
 ) -> Generation:
     """Sample continuations of left-padded prompts with the model's KV cache (on-policy data for GKD).
 
@@ -293,6 +355,10 @@ def sample(
         eos_id: The end-of-sequence id (a row stops after it), or ``None`` to always generate ``max_new_tokens``.
         pad_id: Filler after a row's eos.
         vocab_size: Sample only ids ``[0, vocab_size)`` (output layers with padded rows).
+        decoder: ``"auto"``: :class:`mentor.lm.decode.LeanDecoder` for the models it supports (stock Llama,
+            Mistral, Qwen2; same draws, logits equal to ~1e-6 in float32), else the model's own forward (the reason
+            is logged at debug level); ``"lean"``: the lean decoder or a ``ValueError`` saying why not; ``"model"``:
+            always the model's own forward and cache.
 
     Returns:
         The :class:`Generation`.
@@ -302,25 +368,24 @@ def sample(
     temp = _check_number("temperature", temperature, low=0.0)
     if top_p is not None:
         top_p = _check_number("top_p", top_p, low=0.0, high=1.0, open_low=True)
+    _check_decoder(decoder)
     generator = _seed_generator(seed, prompt_ids.device)
-    decoder = _Decoder(model, vocab_size)
     tokens: list[Tensor] = []
     alive_cols: list[Tensor] = []
     running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    mask = prompt_mask.long()
-    with _EvalMode(model):
-        logits = decoder.start(prompt_ids, mask) if steps else None
+    dec = _decoder(model, vocab_size, decoder, prompt_ids.shape[1] + steps) if steps else None
+    with _EvalMode(*_generic([model], [dec])), _inference(dec):
+        logits = dec.start(prompt_ids, prompt_mask, steps) if dec is not None else None
         for step in range(steps):
-            assert logits is not None
+            assert dec is not None and logits is not None
             token = _draw(logits, temp, top_p, generator)
             tokens.append(token)
-            alive_cols.append(running.clone())
+            alive_cols.append(running)  # `running` is replaced below, never changed in place
             if eos_id is not None:
                 running = running & (token != eos_id)
-            if step + 1 == steps or not bool(running.any()):
+            if step + 1 == steps or (eos_id is not None and not bool(running.any())):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = decoder.step(token, mask)
+            logits = dec.step(token)
     return Generation(**_assemble(prompt_ids, prompt_mask, tokens, alive_cols, pad_id))
 
 
@@ -372,6 +437,7 @@ def speculative_sample(
     eos_id: int | None,
     pad_id: int,
     vocab_size: int | None = None,
+    decoder: str = "auto",
 ) -> SpeculativeGeneration:
     """Speculative KD's interleaved sampling (Xu et al. 2024, https://arxiv.org/abs/2410.11325).
 
@@ -399,6 +465,7 @@ def speculative_sample(
         eos_id: End-of-sequence id, or ``None``.
         pad_id: Filler after a row's eos.
         vocab_size: The shared vocabulary; required when the two output layers differ in size (padded rows).
+        decoder: How each model decodes (see :func:`sample`); ``"auto"`` decides for each model on its own.
 
     Returns:
         A :class:`SpeculativeGeneration`, with ``replaced`` marking the teacher's tokens.
@@ -411,17 +478,20 @@ def speculative_sample(
                                                                       low=0.0)
     if top_p is not None:
         top_p = _check_number("top_p", top_p, low=0.0, high=1.0, open_low=True)
+    _check_decoder(decoder)
     student_gen = _seed_generator(seed, prompt_ids.device)
     teacher_gen = _seed_generator(int(seed) + 1, prompt_ids.device)
-    s_dec, t_dec = _Decoder(student, vocab_size), _Decoder(teacher, vocab_size)
     tokens: list[Tensor] = []
     alive_cols: list[Tensor] = []
     replaced_cols: list[Tensor] = []
     running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    mask = prompt_mask.long()
-    with _EvalMode(student, teacher):
-        if steps:
-            s_logits, t_logits = s_dec.start(prompt_ids, mask), t_dec.start(prompt_ids, mask)
+    length = prompt_ids.shape[1] + steps
+    s_dec, t_dec = ((_decoder(student, vocab_size, decoder, length), _decoder(teacher, vocab_size, decoder, length))
+                    if steps else (None, None))
+    with _EvalMode(*_generic([student, teacher], [s_dec, t_dec])), _inference(s_dec, t_dec):
+        if s_dec is not None and t_dec is not None:
+            s_logits = s_dec.start(prompt_ids, prompt_mask, steps)
+            t_logits = t_dec.start(prompt_ids, prompt_mask, steps)
             if s_logits.shape[-1] != t_logits.shape[-1]:
                 raise ValueError(
                     f"student has {s_logits.shape[-1]} logits but teacher has {t_logits.shape[-1]}: pass "
@@ -430,20 +500,20 @@ def speculative_sample(
             if k > t_logits.shape[-1]:
                 raise ValueError(f"top_k={k} exceeds the vocabulary ({t_logits.shape[-1]})")
         for step in range(steps):
+            assert s_dec is not None and t_dec is not None
             proposal = _draw(s_logits, temp, top_p, student_gen)
             teacher_token = _draw(t_logits, t_temp, top_p, teacher_gen)
             top = t_logits.topk(k, dim=-1).indices
             accepted = (top == proposal[:, None]).any(dim=-1)
             token = torch.where(accepted, proposal, teacher_token)
             tokens.append(token)
-            alive_cols.append(running.clone())
+            alive_cols.append(running)
             replaced_cols.append(~accepted & running)
             if eos_id is not None:
                 running = running & (token != eos_id)
-            if step + 1 == steps or not bool(running.any()):
+            if step + 1 == steps or (eos_id is not None and not bool(running.any())):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            s_logits, t_logits = s_dec.step(token, mask), t_dec.step(token, mask)
+            s_logits, t_logits = s_dec.step(token), t_dec.step(token)
     fields = _assemble(prompt_ids, prompt_mask, tokens, alive_cols, pad_id)
     if replaced_cols:
         replaced = torch.stack(replaced_cols, dim=1)
