@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -66,11 +67,13 @@ def _peak_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
 
-def _summary(step_times: list[float], step_tokens: list[int], warmup: int, on_policy: int, rss0: int) -> dict:
-    times, tokens = step_times[warmup:], step_tokens[warmup:]
+def _summary(step_times: list[float], step_tokens: list[int], warmup: int, on_policy: int, rss0: int,
+             cpu_times: list[float]) -> dict:
+    times, tokens, cpu = step_times[warmup:], step_tokens[warmup:], cpu_times[warmup:]
     return {
         "steps_timed": len(times),
         "tokens_per_s": sum(tokens) / sum(times),
+        "tokens_per_cpu_s": sum(tokens) / sum(cpu),  # the process's CPU time: robust to other load on the cores
         "step_s": sum(times) / len(times),
         "tokens_per_step": sum(tokens) / len(tokens),
         "on_policy_steps": on_policy,
@@ -132,6 +135,7 @@ def worker_trl(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     counts = {"tokens": [], "on_policy": 0}
     times: list[float] = []
+    cpu_times: list[float] = []
 
     class Counting(GKDTrainer):  # type: ignore[misc, valid-type]
         def compute_loss(self, model, inputs, *a, **kw):  # type: ignore[no-untyped-def]
@@ -145,17 +149,18 @@ def worker_trl(cfg: dict[str, Any]) -> dict[str, Any]:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a: Any, **kw: Any) -> None:
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a: Any, **kw: Any) -> None:
             times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
 
     trainer = Counting(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                        processing_class=tok, callbacks=[Clock()])
     random.seed(SEED)
     rss0 = _rss_kib()
     trainer.train()
-    out = _summary(times, counts["tokens"], warmup, counts["on_policy"], rss0)
+    out = _summary(times, counts["tokens"], warmup, counts["on_policy"], rss0, cpu_times)
     out.update({
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "generation_use_cache": bool(trainer.generation_config.use_cache),
@@ -183,11 +188,12 @@ def worker_mentor(cfg: dict[str, Any]) -> dict[str, Any]:
     div = divergence("jsd", beta=BETA)
     s_head, t_head = output_head(student), output_head(teacher)
     times: list[float] = []
+    cpu_times: list[float] = []
     tokens: list[int] = []
     on_policy = 0
     rss0 = _rss_kib()
     for step in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rows = slice(step * BATCH, (step + 1) * BATCH)
         if on_policy_at(step, cfg["lmbda"], SEED):
             on_policy += 1
@@ -206,8 +212,9 @@ def worker_mentor(cfg: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         tokens.append(int(mask.sum()))
-    out = _summary(times, tokens, warmup, on_policy, rss0)
+    out = _summary(times, tokens, warmup, on_policy, rss0, cpu_times)
     out["versions"] = f"transformers {transformers.__version__}, torch {torch.__version__}"
     return out
 
@@ -232,13 +239,15 @@ def worker_mentor_fit(cfg: dict[str, Any]) -> dict[str, Any]:
     pad = int(train.pad_id)
     tokens: list[int] = []
     times: list[float] = []
-    clock = [time.perf_counter()]
+    cpu_times: list[float] = []
+    clock = [time.perf_counter(), time.process_time()]
 
     class Clock(teachers.Frozen):  # the loop calls update once per optimiser step
         def update(self, _student: torch.nn.Module, _step: int) -> None:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             times.append(now - clock[0])
-            clock[0] = now
+            cpu_times.append(cpu - clock[1])
+            clock[0], clock[1] = now, cpu
 
     method = recipes.gkd(lmbda=cfg["lmbda"], beta=BETA, max_new_tokens=cfg["max_new"],
                          sample_temperature=TEMPERATURE, eos_id=int(train.eos_id), pad_id=pad)
@@ -254,13 +263,13 @@ def worker_mentor_fit(cfg: dict[str, Any]) -> dict[str, Any]:
 
     method = dataclasses.replace(method, batch_hook=count)
     rss0 = _rss_kib()
-    clock[0] = time.perf_counter()
+    clock[0], clock[1] = time.perf_counter(), time.process_time()
     result = fit(student, method, train, teacher=Clock(teacher), epochs=1, max_steps=steps, batch_size=BATCH,
                  optim=Optim(lr=LR, schedule="constant", grad_clip=1.0), seed=SEED, progress=False,
                  log_every=10**6)
     assert result.steps == steps and len(tokens) >= steps
     on_policy = sum(1 for s in range(steps) if on_policy_at(s, cfg["lmbda"], SEED))
-    out = _summary(times, tokens[-steps:], warmup, on_policy, rss0)
+    out = _summary(times, tokens[-steps:], warmup, on_policy, rss0, cpu_times)
     out["versions"] = f"transformers {transformers.__version__}, torch {torch.__version__}"
     return out
 
@@ -282,16 +291,18 @@ def run_config(python: Path, cfg: dict[str, Any], log) -> dict[str, Any]:  # typ
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| side | setting | lambda | max_new_tokens | tokens/s | step (s) | tokens/step | on-policy steps "
-             "| peak RSS (MiB) | training increment (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| side | setting | lambda | max_new_tokens | tokens per CPU s | tokens/s (wall) | step (s, wall) "
+             "| tokens/step | on-policy steps | peak RSS (MiB) | training increment (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r["result"]
         if "error" in m:
             lines.append(f"| {r['side']} | {r['setting']} | {r['lmbda']} | {r['max_new']} | error: {m['error']} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         lines.append(
-            f"| {r['side']} | {r['setting']} | {r['lmbda']} | {r['max_new']} | {m['tokens_per_s']:.0f} | "
+            f"| {r['side']} | {r['setting']} | {r['lmbda']} | {r['max_new']} | {m['tokens_per_cpu_s']:.0f} | "
+            f"{m['tokens_per_s']:.0f} | "
             f"{m['step_s']:.3f} | {m['tokens_per_step']:.0f} | {m['on_policy_steps']}/{r['steps']} | "
             f"{m['peak_rss_mib']:.0f} | {m['train_increment_mib']:.0f} |"
         )
@@ -303,6 +314,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps per configuration")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds over all configurations, interleaved; each figure is the median over rounds "
+                             "(default 3, quick 1)")
     args = parser.parse_args()
     if args.worker:
         cfg = json.loads(args.worker)
@@ -317,22 +331,33 @@ def main() -> None:
     plan: list[tuple[str, str, Path, dict[str, Any]]] = []
     for lmbda, max_new in ((0.0, MAX_NEW), (0.5, MAX_NEW), (1.0, MAX_NEW), (1.0, LONG_NEW)):
         base = {"lmbda": lmbda, "steps": steps, "warmup": warmup, "max_new": max_new}
-        plan.append(("mentor pieces, hand loop", "KV cache, chunked token_kd", mentor_python,
+        plan.append(("mentor pieces, hand loop", "lean decoder, chunked token_kd", mentor_python,
                      {**base, "side": "mentor"}))
-        plan.append(("mentor train.fit", "recipes.gkd, KV cache, full logits", mentor_python,
+        plan.append(("mentor train.fit", "recipes.gkd, lean decoder, chunked token KD", mentor_python,
                      {**base, "side": "mentor_fit"}))
         if trl_ok:
             plan.append(("TRL GKDTrainer", "defaults (gradient checkpointing on)", TRL_PYTHON,
                          {**base, "side": "trl", "gradient_checkpointing": None}))
             plan.append(("TRL GKDTrainer", "gradient checkpointing off", TRL_PYTHON,
                          {**base, "side": "trl", "gradient_checkpointing": False}))
-    results = []
+    repeats = args.repeats or (1 if args.quick else 3)
+    if repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {repeats}")
+    runs: list[list[dict[str, Any]]] = [[] for _ in plan]
     with open(WORK / "lm_workers.log", "w") as log:
-        for side, setting, python, cfg in plan:
-            res = run_config(python, cfg, log)
-            results.append({"side": side, "setting": setting, "lmbda": cfg["lmbda"], "max_new": cfg["max_new"],
-                            "steps": steps, "result": res})
-            print(json.dumps(results[-1]), flush=True)
+        for round_ in range(repeats):  # round-robin: every configuration sees the same machine load over time
+            for i, (side, setting, python, cfg) in enumerate(plan):
+                runs[i].append(run_config(python, cfg, log))
+                print(json.dumps({"round": round_, "side": side, "setting": setting, **cfg,
+                                  "result": runs[i][-1]}), flush=True)
+    results = []
+    for (side, setting, _, cfg), rs in zip(plan, runs, strict=True):
+        ok = [r for r in rs if "error" not in r]
+        res: dict[str, Any] = dict(rs[-1]) if not ok else {
+            **ok[-1], **{k: statistics.median(r[k] for r in ok) for k in ok[-1] if isinstance(ok[-1][k], float)},
+            "rounds": len(ok)}
+        results.append({"side": side, "setting": setting, "lmbda": cfg["lmbda"], "max_new": cfg["max_new"],
+                        "steps": steps, "result": res, "runs": rs})
 
     def find(side: str, setting_part: str, lmbda: float, max_new: int) -> dict[str, Any] | None:
         for r in results:
@@ -349,7 +374,9 @@ def main() -> None:
                 t = find("TRL", part, lmbda, max_new)
                 if m and t:
                     ratios.append(
-                        f"| {label} | {lmbda} | {max_new} | {name} | {m['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
+                        f"| {label} | {lmbda} | {max_new} | {name} | "
+                        f"{m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
+                        f"{m['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
                         f"{m['peak_rss_mib'] / t['peak_rss_mib']:.2f}x | "
                         f"{m['train_increment_mib'] / max(t['train_increment_mib'], 1e-9):.2f}x |"
                     )
@@ -365,11 +392,14 @@ def main() -> None:
         f"batch {BATCH}, beta {BETA}, sampling temperature {TEMPERATURE}, max_new_tokens {MAX_NEW} (and {LONG_NEW} "
         f"at lambda = 1), AdamW {LR}, "
         f"{steps} steps per configuration ({warmup} warm-up steps not timed), one thread, one fresh process per "
-        "row. Random weights: the student seldom emits eos, so on-policy completions mostly run to max_new_tokens "
-        "(tokens/step gives the real lengths). 'mentor pieces, hand loop' is a plain script over `mentor.lm` "
-        "(`generate.sample` with the KV cache, one decoder pass per model, chunked `losses.token_kd` with "
-        "generalised JSD), not yet `mentor.train`. Memory: peak RSS of the process, and the increment over the "
-        "resident size just before the first step.",
+        f"configuration and round, {repeats} interleaved round(s), medians over rounds. Speed is given in tokens per "
+        "second of the process's CPU time (what the work costs; robust to other processes on the shared cores) and "
+        "of wall time. Random weights: the student seldom emits eos, so on-policy completions mostly run to "
+        "max_new_tokens (tokens/step gives the real lengths). 'mentor pieces, hand loop' is a plain script over "
+        "`mentor.lm` (`generate.sample`, one decoder pass per model, chunked `losses.token_kd` with "
+        "generalised JSD); 'mentor train.fit' is `mentor.train.fit` with `recipes.gkd` (its defaults: the lean "
+        "decoder of `mentor.lm.decode` for sampling, chunked token KD). Memory: peak RSS of the process, and the "
+        "increment over the resident size just before the first step.",
         "",
         f"Versions: {'; '.join(versions) if versions else 'n/a'}.",
         "",
@@ -379,8 +409,9 @@ def main() -> None:
     body += [table(results), ""]
     if ratios:
         body += ["mentor / TRL (goal: tokens/s >= 2x at lambda = 1; peak memory <= 0.8x):", "",
-                 "| mentor side | lambda | max_new_tokens | against | tokens/s | peak RSS | training increment |",
-                 "|---|---|---|---|---|---|---|",
+                 "| mentor side | lambda | max_new_tokens | against | tokens per CPU second | tokens/s (wall) "
+                 "| peak RSS | training increment |",
+                 "|---|---|---|---|---|---|---|---|",
                  *ratios, ""]
     if args.quick:
         body.insert(0, "**Quick run (`--quick`): few steps, numbers are indicative only.**\n")

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
 import statistics
@@ -41,11 +43,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_section
 
-from mentor import data, models, recipes, schedules, teachers, train
+from mentor import atomic, data, models, recipes, schedules, teachers, train
 from mentor.semi import SemiData
 from mentor.views import Views, weak
 
 LR, BATCH, MU = 3e-3, 64, 7
+WORK = Path(__file__).resolve().parent / "_work" / "ssl_mnist1d"
+
+
+def _row_version(row: Callable[..., Any]) -> str:
+    """A short hash of a row's code and of the shared training call, so that a stored row is reused only while
+    neither changed (the package's own code is not hashed: rerun with --fresh after changing it)."""
+    text = inspect.getsource(row) + inspect.getsource(_fit)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 Row = Callable[[int, data.TensorData, data.TensorData, data.TensorData, int], dict[str, float]]
 
 
@@ -265,6 +275,8 @@ def main() -> None:
                         help="rows run on the 50k generated pool too (default: all; supervised rows use no pool)")
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), metavar="ROW",
                         help=f"run only these rows (default: all of {', '.join(ROWS)})")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun rows that bench/_work holds from an earlier run with the same settings and code")
     parser.add_argument("--pools", nargs="+", default=None, choices=["rest", "transfer"],
                         help="unlabelled pools (default: both; quick: rest)")
     args = parser.parse_args()
@@ -288,6 +300,12 @@ def main() -> None:
             if pool_name == "transfer" and (name.startswith("supervised") or
                                             (args.pool_rows is not None and name not in args.pool_rows)):
                 continue  # the supervised rows use no pool: their 'rest' result stands for both
+            done = WORK / f"{pool_name}_{name}_{steps}_{'-'.join(map(str, seeds))}_{_row_version(row)}.json"
+            if done.exists() and not args.fresh:  # the same row, config and code finished earlier: reuse it
+                res = dict(json.loads(done.read_text()), reused=True)
+                out["results"].append(res)
+                print(json.dumps(res), flush=True)
+                continue
             accs: dict[str, list[float]] = {}
             t0 = time.perf_counter()
             for seed in seeds:
@@ -302,6 +320,8 @@ def main() -> None:
                    **{f"{k}_std": statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in accs.items()}}
             out["results"].append(res)
             print(json.dumps(res), flush=True)
+            WORK.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(done, json.dumps(res))
     if not args.no_overhead:
         lab, rest = data.stratified_split(full, 400, seed=0)
         o_steps, warm, reps = (60, 15, 2) if args.quick else (200, 40, 4)
@@ -339,6 +359,10 @@ def _markdown(out: dict[str, Any]) -> str:
         for o in out["overhead"]:
             lines.append(f"| {o['recipe']} | {o['mentor_ms']:.2f} | {o['hand_ms']:.2f} | {o['ratio']:.3f} |")
     lines += ["", f"Total {out['total_seconds']} s on 1 thread."]
+    reused = [f"{r['method']} ({r['pool']})" for r in out["results"] if r.get("reused")]
+    if reused:
+        lines.append(f"Reused from an earlier run with the same settings and row code (bench/_work/ssl_mnist1d; "
+                     f"its seconds are that run's): {', '.join(reused)}.")
     return "\n".join(lines)
 
 
