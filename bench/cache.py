@@ -14,15 +14,20 @@ thread.
 * **Bytes.** Per item for the MNIST-1D caches; per token for a small sequence model (vocabulary 512, 64 positions)
   at k in {4, 16, 64}.
 * **Build throughput.** Items per second of ``mentor.cache.build`` over the transfer set against a bare teacher
-  forward over the same items at the same batch size, interleaved, medians.
+  forward over the same items at the same batch size, interleaved, medians. Each timed run starts after
+  ``gc.collect()`` (both kinds alike): a full collection owed by the bench's earlier work (about 60 ms over this
+  process's objects) otherwise lands in whichever run allocates first, and with ``--quick``'s two rounds one such
+  pass halved the ratio.
 
     .venv/bin/python bench/cache.py            # full (about 40 minutes on one core)
     .venv/bin/python bench/cache.py --quick    # small, about a minute
+    .venv/bin/python bench/cache.py --part build --no-write   # build throughput only (seconds), printed only
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -150,6 +155,7 @@ def build_throughput(cfg: dict[str, Any], teacher: nn.Module, transfer: data.Ten
     built: list[float] = []
 
     def run_bare() -> None:
+        gc.collect()
         start = time.perf_counter()
         with torch.no_grad():
             for lo in range(0, len(transfer), 512):
@@ -158,6 +164,7 @@ def build_throughput(cfg: dict[str, Any], teacher: nn.Module, transfer: data.Ten
 
     def run_build() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="mentor-bench-cache-"))
+        gc.collect()
         start = time.perf_counter()
         cache.build(teacher, transfer.x, tmp / "c", spec=cache.CacheSpec(k=4, batch_size=512), progress=False)
         built.append(len(transfer) / (time.perf_counter() - start))
@@ -208,9 +215,10 @@ def stable_malloc() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=["all", "timing", "accuracy"], default="all",
+    parser.add_argument("--part", choices=["all", "timing", "accuracy", "build"], default="all",
                         help="timing (epoch time, bytes, build throughput) and/or accuracy; each writes its own "
-                             "section of bench/RESULTS.md")
+                             "section of bench/RESULTS.md; build: the build throughput alone, printed (no section)")
+    parser.add_argument("--no-write", action="store_true", help="print the results, leave bench/RESULTS.md alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     malloc_fixed = stable_malloc()
@@ -218,6 +226,14 @@ def main() -> None:
     if args.quick:
         cfg["teacher_epochs"] = 20
     teacher = cnn_teacher(cfg["teacher_epochs"])
+    if args.part == "build":
+        transfer = data.mnist1d_transfer(cfg["transfer_size"], 0)
+        torch.manual_seed(1)
+        big = models.CNN1d(channels=88)
+        print(json.dumps({"settings": cfg, "malloc_thresholds_fixed": malloc_fixed,
+                          "build": build_throughput(cfg, teacher, transfer),
+                          "build_x10": build_throughput(cfg, big, transfer)}))
+        return
     test = data.mnist1d("test")
     teacher_acc = evaluate(teacher, test)["accuracy"]
     transfer = data.mnist1d_transfer(cfg["transfer_size"], 0)
@@ -253,6 +269,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))
     suffix = " (quick)" if args.quick else ""
+    if args.no_write:
+        return
     if "timing" in result:
         write_section("cache" + suffix, render(result))
     if "accuracy" in result:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -74,6 +75,41 @@ def test_round_trip_topk_and_features(tmp_path: Path, values_dtype: str) -> None
     summary = cache.info(tmp_path / "c")
     assert summary["indices_dtype"] == "uint8" and summary["shards"] == 4
     assert summary["logit_bytes_per_item"] == 3 * 2 + 3 * 1
+
+
+def test_shard_files_equal_an_independent_layout(tmp_path: Path) -> None:
+    """A shard is its arrays one after another, little-endian, each at a 64-byte aligned offset, zero-padded."""
+    model, x = _cache_worker.teacher(), _cache_worker.data(70)
+    spec = cache.CacheSpec(k=3, features=("1",), shard_size=50, batch_size=16)
+    cache.build(model, x, tmp_path, spec=spec, progress=False)
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        logits = model[2](hidden)
+    top, indices = logits.topk(3, dim=-1)
+    values = top - logits.logsumexp(dim=-1, keepdim=True)
+    for shard in json.loads((tmp_path / "manifest.json").read_text())["shards"]:
+        rows = slice(shard["start"], shard["stop"])
+        want = b""
+        for array in (values[rows].half().numpy().astype("<f2"), indices[rows].numpy().astype("u1"),
+                      hidden[rows].half().numpy().astype("<f2")):
+            want += bytes(-len(want) % 64) + array.tobytes()
+        want += bytes(-len(want) % 64)
+        raw = (tmp_path / shard["file"]).read_bytes()
+        assert raw == want and hashlib.sha256(raw).hexdigest() == shard["sha256"]
+
+
+def test_log_partition_is_torchs_logsumexp_to_the_last_bit() -> None:
+    """The build's log-partition (logits more than 87 below their row's maximum raised to that bound) against
+    torch's, on rows spanning up to +-3000 (most terms far below exp(-87)), and on rows with infinite or NaN
+    entries."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 37, generator=g) * torch.logspace(-1, 3, 4000)[:, None]
+    inf, nan = float("inf"), float("nan")
+    special = torch.tensor([[-inf, -inf, -inf], [0.0, -inf, 1.0], [inf, 0.0, 1.0], [nan, 0.0, 1.0],
+                            [-1e30, 0.0, 1e30], [3e38, 3e38, 0.0], [-200.0, -100.0, 0.0]])
+    for x in (logits, special):
+        torch.testing.assert_close(cache._log_partition(x), x.logsumexp(dim=-1, keepdim=True), rtol=0, atol=0,
+                                   equal_nan=True)
 
 
 @pytest.mark.parametrize(("classes", "dtype"), [(10, "uint8"), (300, "uint16"), (70000, "int32")])
@@ -180,6 +216,20 @@ def test_rerun_with_another_plan_is_refused(tmp_path: Path) -> None:
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(cache.CacheError, match="not empty"):
         cache.build(model, x, tmp_path / "other", progress=False)
+
+
+def test_a_killed_builders_temporary_plan_does_not_block_a_build(tmp_path: Path) -> None:
+    """A temporary left by a builder killed while writing plan.json is not "another file"; the plan written (by
+    the writer thread, in a new cache) holds the data's fingerprint, and the builder's manifest is the one
+    `finalize` makes from the files alone."""
+    (tmp_path / ".plan.json.k1ll3d.tmp").write_text("{")
+    model, x = _cache_worker.teacher(), _cache_worker.data(40)
+    assert cache.build(model, x, tmp_path, spec=cache.CacheSpec(k=2, shard_size=16), progress=False) is not None
+    assert json.loads((tmp_path / "plan.json").read_text())["dataset"]["fingerprint"] == cache.fingerprint_data(x)
+    manifest = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").unlink()
+    assert cache.finalize(tmp_path) == tmp_path / "manifest.json"
+    assert (tmp_path / "manifest.json").read_text() == manifest and cache.verify(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------- damage

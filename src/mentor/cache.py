@@ -37,6 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -88,7 +90,7 @@ def fingerprint_model(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_raw_bytes(t))
     return "sha256:" + h.hexdigest()
 
 
@@ -96,8 +98,13 @@ def fingerprint_data(x: Tensor) -> str:
     """sha256 of a dataset's inputs (dtype, shape, bytes): ``"sha256:<hex>"``. Labels are not part of it."""
     t = x.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(_raw_bytes(t))  # one call on the tensor's own memory: no copy, and hashlib releases the GIL meanwhile
     return "sha256:" + h.hexdigest()
+
+
+def _raw_bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a view of its memory (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 def item_seeds(index: Tensor | np.ndarray, num_views: int, seed: int) -> np.ndarray:
@@ -228,7 +235,10 @@ def _plan(
     dataset_spec: Mapping[str, Any] | None, augment: Callable[[Tensor, Tensor], Tensor] | None,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Everything a build writes except the shards: checked against an existing build before resuming it."""
+    """Everything a build writes except the shards: checked against an existing build before resuming it.
+
+    The dataset's fingerprint is left ``None``: :func:`build` fills it in (on its writer thread, where it can).
+    """
     if spec.num_views > 1 and augment is None:
         raise ValueError(f"cache num_views = {spec.num_views} needs an augmentation (augment=...), got none")
     n = int(x.shape[0])
@@ -254,7 +264,7 @@ def _plan(
         "format": FORMAT,
         "version": VERSION,
         "teacher": {"fingerprint": fingerprint_model(model), "spec": dict(teacher_spec or {})},
-        "dataset": {"fingerprint": fingerprint_data(x), "num_items": n, "spec": dict(dataset_spec or {})},
+        "dataset": {"fingerprint": None, "num_items": n, "spec": dict(dataset_spec or {})},
         "stored": {
             "logits": {"k": k, "num_classes": num_classes, "positions": list(positions),
                        "values": "log_probs", "values_dtype": spec.values_dtype,
@@ -288,31 +298,44 @@ def _arrays_of(plan: Mapping[str, Any]) -> dict[str, _Array]:
     return {name: _Array(a["dtype"], tuple(a["shape"])) for name, a in plan["arrays"].items()}
 
 
-def _to_numpy(t: Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    if dtype == "float16":
-        return t.to(torch.float16).numpy()
-    return t.numpy().astype(dtype)
-
-
 _DEFER_BYTES = 64 << 20  # raw logits of a shard up to this size are reduced to top-k by the writer thread
 
 
-def _topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _topk(logits: Tensor, k: int, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The k largest log-probabilities and their classes: the k largest logits minus the log-partition (without
-    writing the full log-softmax)."""
-    logits = logits.float()
+    writing the full log-softmax). With ``out``, the values are written there (converted to its dtype)."""
+    logits = logits if logits.dtype == torch.float32 else logits.float()
     top, indices = logits.topk(k, dim=-1) if k < logits.shape[-1] else logits.sort(-1, descending=True)
-    return top - logits.logsumexp(dim=-1, keepdim=True), indices
+    return torch.sub(top, _log_partition(logits), out=out), indices
+
+
+_EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, just above float32's smallest normal number
+
+
+def _log_partition(logits: Tensor) -> Tensor:
+    """``logits.logsumexp(-1, keepdim=True)`` for float32 logits, about five times faster on a trained teacher's.
+
+    torch's vectorised ``exp`` takes a slow path for arguments below about -87.3 (subnormal or zero results), and
+    a confident teacher puts many classes there (the MNIST-1D CNN: 12% of all class logits are more than 87 below
+    their row's maximum). Such logits are raised to the row maximum minus 87 first, and torch's ``logsumexp``
+    (which subtracts the maximum itself, unchanged by this) takes the rest. Each raised term is then about 1.6e-38
+    instead of its true value (under 1.2e-38), beside the row maximum's exp(0) = 1 in the same sum: far below
+    float32's resolution (6e-8 at 1), so the result is torch's own to the last bit in practice (checked on the
+    50000 items of bench/cache.py and in the tests). An infinite or NaN maximum makes the bound infinite or NaN,
+    and torch's own handling of such rows applies unchanged.
+    """
+    return logits.clamp(min=logits.amax(dim=-1, keepdim=True).add_(_EXP_FLOOR)).logsumexp(dim=-1, keepdim=True)
 
 
 def _forward_shard(
     model: nn.Module, x: Tensor, start: int, stop: int, plan: Mapping[str, Any], spec: CacheSpec,
     augment: Callable[[Tensor, Tensor], Tensor] | None, device: torch.device,
 ) -> dict[str, Any]:
-    """The teacher's outputs on one shard's items, batch by batch: the top-k already taken, or (for small
-    shards) the raw logits, which :func:`_assemble_shard` reduces on the writer thread while the teacher goes on."""
+    """The teacher's outputs on one shard's items, batch by batch, kept as they come: the raw logits, which
+    :func:`_shard_bytes` reduces to top-k on the writer thread while the teacher goes on, or (where a shard's raw
+    logits would be large) the top-k already taken. Nothing is copied or converted here, between two forwards."""
+    from mentor.teachers import as_outputs
+
     arrays = _arrays_of(plan)
     k, num_classes = plan["stored"]["logits"]["k"], plan["stored"]["logits"]["num_classes"]
     n, views = stop - start, spec.num_views
@@ -321,15 +344,22 @@ def _forward_shard(
     seeds = item_seeds(np.arange(start, stop), views, spec.seed) if augment is not None else None
     parts: dict[str, list[list[Tensor]]] = {name: [[] for _ in range(views)] for name in arrays if name != "seeds"}
     parts["logits"] = [[] for _ in range(views)]
+    plain = not spec.features and not spec.outputs
     with torch.no_grad():
         for lo in range(0, n, spec.batch_size):
             hi = min(lo + spec.batch_size, n)
-            xb = x[start + lo : start + hi].to(device)
+            xb = x[start + lo : start + hi]
+            xb = xb if xb.device == device else xb.to(device)  # each torch call here gives the GIL up
             for v in range(views):
                 xv = xb if augment is None else augment(xb, torch.from_numpy(seeds[lo:hi, v]).to(device))  # type: ignore[index]
-                logits, feats = _teacher_outputs(model, xv, spec.features, spec.feature_inputs, spec.outputs)
+                feats: dict[str, Tensor] = {}
+                if plain:  # the common case: the forward and nothing else
+                    out = model(xv)
+                    logits = out if isinstance(out, Tensor) else as_outputs(out)["logits"]
+                else:
+                    logits, feats = _teacher_outputs(model, xv, spec.features, spec.feature_inputs, spec.outputs)
                 if defer:
-                    parts["logits"][v].append(logits.detach())
+                    parts["logits"][v].append(logits.detach() if logits.requires_grad else logits)
                 else:
                     values, indices = _topk(logits, k)
                     parts["values"][v].append(values)
@@ -339,59 +369,80 @@ def _forward_shard(
     return {"parts": parts, "seeds": seeds, "k": k, "n": n}
 
 
-def _assemble_shard(shard: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The stored arrays of one shard from :func:`_forward_shard`'s outputs (one conversion per shard)."""
-    arrays = _arrays_of(plan)
-    parts, n = shard["parts"], shard["n"]
-    out = {name: np.empty((n, *a.shape), dtype=a.np_dtype) for name, a in arrays.items()}
+def _shard_bytes(shard: Mapping[str, Any], arrays: Mapping[str, _Array]) -> tuple[np.ndarray, dict[str, _Array]]:
+    """One shard's file contents from :func:`_forward_shard`'s outputs, and its layout.
+
+    One zeroed buffer (so the alignment padding is zero) into which the outputs are converted in place (into
+    little-endian views, by ``Tensor.copy_`` or ``out=``: no intermediate arrays); deferred logits are reduced to
+    top-k here, one call per shard and view. Few torch calls: this runs on the writer thread, and each call gives
+    the GIL up and takes it back, which costs the teacher's thread whenever it wants the GIL at that moment.
+    """
+    n = shard["n"]
+    layout, size = _layout(arrays, n)
+    buf = np.zeros(size, dtype=np.uint8)
+    dest: dict[str, list[Tensor]] = {}  # per array, per view: [n, ...] views of buf (made by numpy, not torch)
+    for name, a in layout.items():
+        whole = buf[a.offset : a.offset + a.nbytes(n)].view(a.np_dtype).reshape(n, *a.shape)
+        per_view = [whole] if name == "seeds" else [whole[:, v] for v in range(a.shape[0])]
+        dest[name] = [torch.from_numpy(t).view(torch.bfloat16) if a.dtype == "bfloat16" else torch.from_numpy(t)
+                      for t in per_view]
     if shard["seeds"] is not None:
-        out["seeds"][...] = shard["seeds"]
-    raw = parts.pop("logits")
-    if raw[0]:
-        reduced = [_topk(torch.cat(chunks), shard["k"]) for chunks in raw]
-        parts["values"] = [[values] for values, _ in reduced]
-        parts["indices"] = [[indices] for _, indices in reduced]
+        dest["seeds"][0].copy_(torch.from_numpy(shard["seeds"]))
+    parts = shard["parts"]
+    for v, chunks in enumerate(parts["logits"]):
+        if chunks:
+            logits = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+            target = dest["values"][v]
+            if logits.shape[:-1] != target.shape[:-1]:
+                raise ValueError(f"cache build: the teacher's logits have shape {tuple(logits.shape)} on this shard; "
+                                 f"the plan (from the first item) expects {(*target.shape[:-1], '<classes>')}")
+            if logits.device == target.device:
+                _, indices = _topk(logits, shard["k"], out=target)
+            else:  # a GPU teacher: top-k there, then one copy (with the conversion) of k values per item
+                values, indices = _topk(logits, shard["k"])
+                target.copy_(values)
+            _put(dest, "indices", 0, v, indices)
     for name, per_view in parts.items():
-        whole = torch.stack([torch.cat(chunks) for chunks in per_view], dim=1).cpu()
-        if name == "values":
-            out[name][...] = _to_numpy(whole, arrays[name].dtype)
-        else:
-            out[name][...] = whole.numpy().astype(arrays[name].np_dtype)
-    return out
+        if name != "logits":
+            for v, chunks in enumerate(per_view):
+                lo = 0
+                for chunk in chunks:
+                    lo = _put(dest, name, lo, v, chunk)
+    if sys.byteorder != "little":  # shards are little-endian
+        for a in layout.values():
+            buf[a.offset : a.offset + a.nbytes(n)].view(a.np_dtype).byteswap(inplace=True)
+    return buf, layout
+
+
+def _put(dest: Mapping[str, Sequence[Tensor]], name: str, lo: int, view: int, chunk: Tensor) -> int:
+    """Convert ``chunk`` (one batch of ``name``, view ``view``) into rows ``lo:`` of ``dest``; returns the next
+    row."""
+    hi = lo + len(chunk)
+    target = dest[name][view]
+    target = target if lo == 0 and hi == len(target) else target[lo:hi]
+    if target.shape != chunk.shape:
+        raise ValueError(f"cache build: the teacher's {name!r} has shape {tuple(chunk.shape)} in this batch; the "
+                         f"plan (from the first item) expects {tuple(target.shape)}")
+    target.copy_(chunk)
+    return hi
 
 
 def _assemble_and_write(root: Path, i: int, start: int, stop: int, shard: Mapping[str, Any],
-                        plan: Mapping[str, Any]) -> dict[str, Any]:
+                        arrays: Mapping[str, _Array]) -> dict[str, Any]:
     with torch.no_grad():
-        return _write_shard(root, i, start, stop, _assemble_shard(shard, plan), plan)
+        buf, layout = _shard_bytes(shard, arrays)
+    return _write_shard(root, i, start, stop, buf, layout)
 
 
-def _write_shard(root: Path, i: int, start: int, stop: int, data: Mapping[str, np.ndarray],
-                 plan: Mapping[str, Any]) -> dict[str, Any]:
-    layout, size = _layout(_arrays_of(plan), stop - start)
-    h = hashlib.sha256()
+def _write_shard(root: Path, i: int, start: int, stop: int, buf: np.ndarray,
+                 layout: Mapping[str, _Array]) -> dict[str, Any]:
     name = _shard_name(i)
-    with atomic.replacing(root / f"{name}.bin") as tmp, tmp.open("wb") as f:
-        written = 0
-        for key, a in layout.items():
-            if a.offset > written:  # alignment padding
-                pad = bytes(a.offset - written)
-                f.write(pad)
-                h.update(pad)
-            array = np.ascontiguousarray(data[key].astype(a.np_dtype.newbyteorder("<"), copy=False))
-            raw = memoryview(array).cast("B")  # type: ignore[arg-type]
-            f.write(raw)
-            h.update(raw)
-            written = a.offset + raw.nbytes
-        if size > written:
-            pad = bytes(size - written)
-            f.write(pad)
-            h.update(pad)
-    digest = h.hexdigest()
-    sidecar = {"index": i, "file": f"{name}.bin", "start": start, "stop": stop, "bytes": size, "sha256": digest,
-               "arrays": {k: {"dtype": a.dtype, "shape": list(a.shape), "offset": a.offset}
-                          for k, a in layout.items()}}
-    atomic.write_text(root / f"{name}.json", json.dumps(sidecar, indent=1))
+    digest = hashlib.sha256(buf.data).hexdigest()  # one call: hashlib releases the GIL for it, as the write does
+    atomic.write_bytes(root / f"{name}.bin", buf.data)
+    sidecar = {"index": i, "file": f"{name}.bin", "start": start, "stop": stop, "bytes": int(buf.nbytes),
+               "sha256": digest, "arrays": {k: {"dtype": a.dtype, "shape": list(a.shape), "offset": a.offset}
+                                            for k, a in layout.items()}}
+    atomic.write_text(root / f"{name}.json", json.dumps(sidecar))  # one line: json's C encoder (indent is Python)
     return sidecar
 
 
@@ -464,6 +515,59 @@ def build(
     model.to(device)
     root = Path(out)
     plan = json.loads(json.dumps(_plan(spec, model, x, teacher_spec, dataset_spec, augment, device)))  # as stored
+    n, size, arrays = int(x.shape[0]), spec.shard_size, _arrays_of(plan)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        # The writer thread takes the data's fingerprint (sha256 over all inputs) and then, for shard i, the top-k,
+        # the conversions, the checksum and the files, while this thread runs the teacher on shard i + 1. At most
+        # one shard is pending; the writer's errors surface here.
+        pending: list[Future[Any]] = []
+        if _resuming(root, overwrite):  # the plan must match before anything is skipped or written
+            plan["dataset"]["fingerprint"] = fingerprint_data(x)
+            _claim(root, plan, overwrite, write=rank == 0)
+        else:  # a new cache: the plan is written (before any shard) once its fingerprint is known
+            pending.append(writer.submit(_fingerprint_and_claim, root, plan, x, overwrite))
+        mine = [i for i in range(plan["num_shards"]) if i % world == rank]
+        todo = [i for i in mine if _done_shard(root, i) is None]
+        bar = tqdm(total=sum(min((i + 1) * size, n) - i * size for i in mine), disable=not progress, unit="item",
+                   desc=f"cache {root.name}" + (f" [{rank}/{world}]" if world > 1 else ""), dynamic_ncols=True)
+        bar.update(sum(min((i + 1) * size, n) - i * size for i in mine if i not in todo))
+        written: dict[int, dict[str, Any]] = {}
+        for j, i in enumerate(todo):
+            start, stop = i * size, min((i + 1) * size, n)
+            shard = _forward_shard(model, x, start, stop, plan, spec, augment, device)
+            for future in pending:  # the fingerprint and plan, or the previous shard
+                if (sidecar := future.result()) is not None:
+                    written[sidecar["index"]] = sidecar
+            pending = []
+            if j < len(todo) - 1:
+                pending.append(writer.submit(_assemble_and_write, root, i, start, stop, shard, arrays))
+            else:  # the last shard: nothing is left to overlap with, so no hand-off
+                written[i] = _assemble_and_write(root, i, start, stop, shard, arrays)
+            bar.update(stop - start)
+        for future in pending:
+            future.result()
+    bar.close()
+    return _finalize(root, plan, written)
+
+
+_TEMPORARY = re.compile(r"\.(plan\.json|manifest\.json|shard-\d+\.(bin|json))\..*\.tmp")
+
+
+def _resuming(root: Path, overwrite: bool) -> bool:
+    """Whether ``root`` holds a plan (a build to resume or join); refuses a directory with other files in it."""
+    names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if "plan.json" in names:
+        return True
+    others = [name for name in names if not _TEMPORARY.fullmatch(name)]  # a killed builder's temporaries are ours
+    if others and not overwrite:
+        raise CacheError(f"{str(root)!r} is not empty and holds no cache plan ({others[:5]}); expected an empty or "
+                         "new directory")
+    return False
+
+
+def _claim(root: Path, plan: Mapping[str, Any], overwrite: bool, write: bool) -> None:
+    """Check ``plan`` against the one in ``root`` (if any: a different one is refused, or deleted with its shards
+    when ``overwrite``), then write it if ``write`` or if there was none."""
     plan_path = root / "plan.json"
     if plan_path.is_file():
         existing = json.loads(plan_path.read_text())
@@ -477,42 +581,29 @@ def build(
             for f in root.iterdir():
                 if f.name.startswith(("shard-", ".shard-", "manifest.json", "plan.json")):
                     f.unlink()
-    elif root.is_dir() and any(root.iterdir()) and not overwrite:
-        names = sorted(p.name for p in root.iterdir())[:5]
-        raise CacheError(f"{str(root)!r} is not empty and holds no cache plan ({names}); expected an empty or new "
-                         "directory")
-    if rank == 0 or not plan_path.is_file():
+    if write or not plan_path.is_file():
         atomic.write_text(plan_path, json.dumps(plan, indent=1, sort_keys=True))
-    n, size = int(x.shape[0]), spec.shard_size
-    mine = [i for i in range(plan["num_shards"]) if i % world == rank]
-    todo = [i for i in mine if _done_shard(root, i) is None]
-    bar = tqdm(total=sum(min((i + 1) * size, n) - i * size for i in mine), disable=not progress, unit="item",
-               desc=f"cache {root.name}" + (f" [{rank}/{world}]" if world > 1 else ""), dynamic_ncols=True)
-    bar.update(sum(min((i + 1) * size, n) - i * size for i in mine if i not in todo))
-    # Shard i is reduced to top-k (when small), checksummed, written and renamed by a background thread while the
-    # teacher computes shard i + 1; at most one shard is pending, and its errors surface here.
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: Future[dict[str, Any]] | None = None
-        for i in todo:
-            start, stop = i * size, min((i + 1) * size, n)
-            shard = _forward_shard(model, x, start, stop, plan, spec, augment, device)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(_assemble_and_write, root, i, start, stop, shard, plan)
-            bar.update(stop - start)
-        if pending is not None:
-            pending.result()
-    bar.close()
-    return finalize(root)
+
+
+def _fingerprint_and_claim(root: Path, plan: dict[str, Any], x: Tensor, overwrite: bool) -> None:
+    """A new cache's first step on the writer thread: the data's fingerprint into ``plan``, then ``plan.json``
+    (checked against one that another builder may have written meanwhile)."""
+    plan["dataset"]["fingerprint"] = fingerprint_data(x)
+    _claim(root, plan, overwrite, write=True)
 
 
 def finalize(root: str | Path) -> Path | None:
     """Write ``manifest.json`` if every shard of the plan is complete; return its path (else ``None``)."""
     root = Path(root)
-    plan = json.loads((root / "plan.json").read_text())
+    return _finalize(root, json.loads((root / "plan.json").read_text()), {})
+
+
+def _finalize(root: Path, plan: Mapping[str, Any], written: Mapping[int, dict[str, Any]]) -> Path | None:
+    """:func:`finalize` with the plan at hand, where the sidecars in ``written`` (shards this process has just
+    written) are not read back from disk."""
     shards = []
     for i in range(plan["num_shards"]):
-        sidecar = _done_shard(root, i)
+        sidecar = written.get(i) or _done_shard(root, i)
         if sidecar is None:
             return None
         shards.append(sidecar)
