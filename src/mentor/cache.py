@@ -138,7 +138,9 @@ class CacheSpec:
         outputs: Keys of the teacher's output dict stored besides the logits (floating ones in float16, integer
             ones as they are: e.g. the uint8 ``"codes"`` of :class:`mentor.mvq.QuantizedTeacher`).
         num_views: Views per item (more than 1 needs an augmentation).
-        shard_size: Items per shard.
+        shard_size: Items per shard (a killed build resumes from the last complete shard). 8192 by default:
+            on the 50k MNIST-1D set (12 bytes per item) build/bare forward throughput measured 0.88 at 4096,
+            0.92 at 8192 and 0.93 at 16384 (fewer files and hand-offs to the writer thread).
         batch_size: Items per teacher forward.
         seed: Seed of the view seeds (see :func:`item_seeds`).
     """
@@ -149,7 +151,7 @@ class CacheSpec:
     feature_inputs: bool = False
     outputs: tuple[str, ...] = ()
     num_views: int = 1
-    shard_size: int = 4096
+    shard_size: int = 8192
     batch_size: int = 512
     seed: int = 0
 
@@ -848,12 +850,17 @@ def use_sparse_targets(method: Any, tail: str = "rest") -> Any:
 
     from mentor import losses
     from mentor.lm.losses import chunked_loss
+    from mentor.lm.weighting import uncertainty_weighted
     from mentor.method import Method
 
     if tail not in ("rest", "renormalize"):
         raise ValueError(f"tail must be 'rest' or 'renormalize', got {tail!r}")
     terms = []
     for term in method.terms:
+        if term.loss is uncertainty_weighted:
+            raise ValueError(f"term {term.name!r} weights tokens by the teacher's uncertainty (token_weighting), "
+                             "which needs the teacher's full distribution; a top-k cache does not hold it: use the "
+                             "teacher network, or token_weighting=None")
         if (term.loss is losses.kl_div and term.target == "teacher.logits" and term.transform is None
                 and not term.extra and set(term.kwargs) <= {"temperature"}):
             term = replace(term, loss=losses.sparse_kl_div, target="teacher.topk_values",

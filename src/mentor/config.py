@@ -221,7 +221,7 @@ class CacheConfig(_Strict):
     outputs: list[str] = Field(default_factory=list)
     num_views: int = Field(1, ge=1)
     augment: str | None = None
-    shard_size: int = Field(4096, ge=1)
+    shard_size: int = Field(8192, ge=1)
     batch_size: int = Field(512, ge=1)
     seed: int = Field(0, ge=0)
     device: str = "auto"
@@ -407,6 +407,14 @@ def _check_recipe(cfg: RunConfig) -> None:
     if method.batch_hook is not None and cfg.teacher is not None and cfg.teacher.cache is not None:
         raise ConfigError(f"recipe {cfg.recipe.name!r} trains on new (on-policy) sequences, which a teacher cache "
                           "cannot score: remove 'teacher.cache' and give the teacher network ('teacher.run')")
+    if cfg.teacher is not None and cfg.teacher.cache is not None:
+        from mentor.lm.weighting import uncertainty_weighted
+
+        for term in method.terms:
+            if term.loss is uncertainty_weighted:
+                raise ConfigError(f"recipe term {term.name!r}: token_weighting = {term.kwargs['rule']!r} weights "
+                                  "tokens by the teacher's full distribution, which a teacher cache (top-k) does "
+                                  "not hold: remove 'teacher.cache' (give 'teacher.run') or set token_weighting: null")
     cross = cfg.recipe.name == "cross_tokenizer_kd"
     if any(extra.name == "cross_tokenizer_kd" for extra in cfg.recipe.plus):
         raise ConfigError("recipe.plus: 'cross_tokenizer_kd' needs a teacher with its own tokenizer, which only the "
