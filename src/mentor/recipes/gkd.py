@@ -33,6 +33,10 @@ def gkd(
     eos_id: int = 2,
     pad_id: int = 0,
     chunk_size: int | None = 1024,
+    token_weighting: str | None = None,
+    uncertainty: str = "target",
+    hard_fraction: float = 0.5,
+    easy_weight: float = 0.2,
 ) -> Method:
     """GKD: on-policy student samples with probability ``lmbda``, generalised JSD.
 
@@ -50,13 +54,20 @@ def gkd(
         pad_id: Padding id (built-in: 0).
         chunk_size: Target positions per chunk of the losses, computed from both models' hidden states (the full
             logits never exist; see :mod:`mentor.recipes.lm_kd`), or ``None`` for the terms on the full logits.
+        token_weighting: Weight each token's divergence by the teacher's uncertainty: ``None`` (off),
+            ``"hard_easy"`` or ``"proportional"``; with ``uncertainty``, ``hard_fraction``, ``easy_weight`` as in
+            :func:`mentor.recipes.lm_kd.lm_kd` (split per micro-batch; on sampled steps the targets are the
+            samples' tokens).
+        uncertainty: ``"target"`` or ``"entropy"``.
+        hard_fraction: ``hard_easy``: share of hard tokens, in ``(0, 1]``.
+        easy_weight: ``hard_easy``: the easy tokens' share of the KD term, in ``[0, 1]``.
     """
     hook = OnPolicy(lmbda=lmbda, max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p,
                     eos_id=eos_id, pad_id=pad_id)
     return Method(
         name="gkd",
         terms=token_terms(divergence, temperature, beta if divergence == "jsd" else None, None, 1.0, ce_weight,
-                          chunk_size),
+                          chunk_size, token_weighting, uncertainty, hard_fraction, easy_weight),
         batch_hook=hook,
         description="causal LM: on-policy GKD, student samples with prob. lambda + generalised JSD (Agarwal 2024)",
     )

@@ -30,6 +30,10 @@ def skd(
     eos_id: int = 2,
     pad_id: int = 0,
     chunk_size: int | None = 1024,
+    token_weighting: str | None = None,
+    uncertainty: str = "target",
+    hard_fraction: float = 0.5,
+    easy_weight: float = 0.2,
 ) -> Method:
     """Speculative KD: interleaved student proposals and teacher corrections, then token-level KD.
 
@@ -48,12 +52,20 @@ def skd(
         pad_id: Padding id (built-in: 0).
         chunk_size: Target positions per chunk of the losses, computed from both models' hidden states (the full
             logits never exist; see :mod:`mentor.recipes.lm_kd`), or ``None`` for the terms on the full logits.
+        token_weighting: Weight each token's divergence by the teacher's uncertainty: ``None`` (off),
+            ``"hard_easy"`` or ``"proportional"``; with ``uncertainty``, ``hard_fraction``, ``easy_weight`` as in
+            :func:`mentor.recipes.lm_kd.lm_kd` (split per micro-batch; on sampled steps the targets are the
+            samples' tokens).
+        uncertainty: ``"target"`` or ``"entropy"``.
+        hard_fraction: ``hard_easy``: share of hard tokens, in ``(0, 1]``.
+        easy_weight: ``hard_easy``: the easy tokens' share of the KD term, in ``[0, 1]``.
     """
     hook = OnPolicy(lmbda=lmbda, max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p,
                     speculative_top_k=top_k, teacher_temperature=teacher_temperature, eos_id=eos_id, pad_id=pad_id)
     return Method(
         name="skd",
-        terms=token_terms(divergence, temperature, beta, None, 1.0, ce_weight, chunk_size),
+        terms=token_terms(divergence, temperature, beta, None, 1.0, ce_weight, chunk_size, token_weighting,
+                          uncertainty, hard_fraction, easy_weight),
         batch_hook=hook,
         description="causal LM: speculative KD, student proposals replaced outside the teacher's top-k (Xu 2024)",
     )
