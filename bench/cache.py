@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_section
+from _results import stable_malloc, write_section
 
 from mentor import cache, data, models, recipes, teachers, train
 from mentor.eval import evaluate
@@ -190,26 +190,6 @@ def token_bytes(tmp: Path) -> dict[str, Any]:
         cache.build(lm, tokens, tmp / f"tok{k}", spec=cache.CacheSpec(k=k), progress=False)
         out[f"k{k}"] = cache.info(tmp / f"tok{k}")["logit_bytes_per_position"]
     return out
-
-
-def stable_malloc() -> bool:
-    """Keep glibc from returning large freed blocks to the OS (fixed mmap and trim thresholds of 1 GiB).
-
-    With glibc's dynamic thresholds the same bare teacher loop measured 105 to 190 ms here, depending on whether
-    the previous batch's outputs were still alive when the next batch allocated; fixed thresholds make both the
-    bare loop and the build stable. Returns whether it was applied (glibc only)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def main() -> None:

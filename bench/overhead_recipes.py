@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_section
+from _results import stable_malloc, write_section
 
 from mentor import data, losses, models, recipes, teachers, train
 from mentor.method import Method, compute_terms
@@ -294,8 +294,10 @@ def main() -> None:
     # Many short interleaved repeats rather than a few long ones: on a shared machine the load changes over seconds,
     # and the median of many mentor/hand pairs run back to back is what stays put.
     steps, warm, reps, batch = (60, 20, 2, 128) if args.quick else (150, 30, 10, 128)
+    malloc_fixed = stable_malloc()  # glibc's moving mmap threshold made early repeats page-fault (rkd: 1.2x)
     ds = data.mnist1d("train")
-    out: dict[str, object] = {"benchmark": "overhead_recipes", "quick": args.quick, "steps": steps, "warm": warm,
+    out: dict[str, object] = {"benchmark": "overhead_recipes", "malloc_thresholds_fixed": malloc_fixed,
+                              "quick": args.quick, "steps": steps, "warm": warm,
                               "repeats": reps, "batch": batch, "threads": 1, "results": []}
     results: list[dict[str, object]] = []
     for case in CASES:
@@ -339,7 +341,8 @@ def main() -> None:
                      f"| {row['grad_rel_diff']:.1e} |")
     body = (f"One online distillation step per recipe (CNN teacher, recipe defaults, AdamW + cosine), {steps} steps, "
             f"median step time (main thread CPU time) from step {warm}, {reps} interleaved repeats, 1 thread; the "
-            "hand loop hooks the same modules itself and sums the same `mentor.losses` terms. Goal: ratio <= 1.05 "
+            "hand loop hooks the same modules itself and sums the same `mentor.losses` terms; glibc malloc thresholds "
+            f"fixed at 1 GiB (`stable_malloc`): {malloc_fixed}. Goal: ratio <= 1.05 "
             f"(worst median ratio {worst:.4f}).\n\n" + "\n".join(lines))
     if not args.only:
         write_section("overhead_recipes" + (" (quick)" if args.quick else ""), body)
