@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_section
+from _results import stable_malloc, write_section
 
 from mentor import atomic, data, models, recipes, schedules, teachers, train
 from mentor.semi import SemiData
@@ -323,6 +323,7 @@ def main() -> None:
             WORK.mkdir(parents=True, exist_ok=True)
             atomic.write_text(done, json.dumps(res))
     if not args.no_overhead:
+        out["malloc_thresholds_fixed"] = stable_malloc()  # else glibc's moving mmap threshold skews early repeats
         lab, rest = data.stratified_split(full, 400, seed=0)
         o_steps, warm, reps = (60, 15, 2) if args.quick else (200, 40, 4)
         out["overhead"] = overhead(lab, rest, o_steps, warm, reps)
@@ -354,7 +355,8 @@ def _markdown(out: dict[str, Any]) -> str:
         lines.append(f"| {pool} | {r['method']} | {100 * r['accuracy_mean']:.1f} +- {100 * r['accuracy_std']:.1f} "
                      f"| {teacher} | {delta:+.1f} | {delta_plain:+.1f} | {r['seconds']} |")
     if "overhead" in out:
-        lines += ["", "Step overhead vs a hand-written loop with the same math (median step, ratio of medians):", "",
+        lines += ["", "Step overhead vs a hand-written loop with the same math (median step, ratio of medians; glibc "
+                  f"malloc thresholds fixed at 1 GiB: {out.get('malloc_thresholds_fixed')}):", "",
                   "| recipe | mentor ms/step | hand ms/step | ratio |", "|---|---|---|---|"]
         for o in out["overhead"]:
             lines.append(f"| {o['recipe']} | {o['mentor_ms']:.2f} | {o['hand_ms']:.2f} | {o['ratio']:.3f} |")
