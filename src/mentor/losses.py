@@ -422,6 +422,18 @@ def soft_cross_entropy(
     return _total(terms, mask, num_items, -(temperature**2))
 
 
+def _check_labels(student_logits: Tensor, target: Tensor, label_smoothing: float) -> None:
+    """Integer labels ``[...]`` for logits ``[..., C]``, and a smoothing in ``[0, 1]``; else a clear error."""
+    _check_unit("label_smoothing", label_smoothing)
+    if target.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(student_logits.shape)} "
+            "without its class dimension"
+        )
+    if target.is_floating_point():
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
 def cross_entropy(
     student_logits: Tensor,
     target: Tensor,
@@ -447,14 +459,7 @@ def cross_entropy(
     Returns:
         A scalar tensor.
     """
-    _check_unit("label_smoothing", label_smoothing)
-    if target.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match logits shape {tuple(student_logits.shape)} "
-            "without its class dimension"
-        )
-    if target.is_floating_point():
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    _check_labels(student_logits, target, label_smoothing)
     if mask is not None and mask.shape != target.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match item shape {tuple(target.shape)}")
     logits = _as_float(student_logits)
@@ -507,14 +512,7 @@ def cross_entropy_per_item(
     Returns:
         ``[...]`` losses (float32 for half precision inputs), 0 on the items without a label.
     """
-    _check_unit("label_smoothing", label_smoothing)
-    if target.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match logits shape {tuple(student_logits.shape)} "
-            "without its class dimension"
-        )
-    if target.is_floating_point():
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    _check_labels(student_logits, target, label_smoothing)
     logits = _as_float(student_logits)
     num_classes = logits.shape[-1]
     labelled = (target >= 0) if ignore_index < 0 else (target >= 0) & (target != ignore_index)
