@@ -176,6 +176,17 @@ def _total(terms: Tensor, mask: Tensor | None, num_items: NumItems, scale: float
     return out * scale if scale != 1.0 else out
 
 
+def _softened(student_logits: Tensor, teacher_logits: Tensor, temperature: float, *, log: bool
+              ) -> tuple[Tensor, Tensor]:
+    """The checked pair of same-shape logits, softened at ``temperature``: ``(log_s, log_t)`` (``log=True``) or
+    ``(p_s, p_t)``, float32 for half precision inputs, the teacher's in the student's dtype."""
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature("temperature", temperature)
+    soften = F.log_softmax if log else F.softmax
+    s = soften(_as_float(student_logits) / temperature, dim=-1)
+    return s, soften(_as_float(teacher_logits) / temperature, dim=-1).to(s.dtype)
+
+
 def kl_div(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -258,10 +269,7 @@ def generalized_jsd(
         return kl_div(
             student_logits, teacher_logits, temperature=temperature, reverse=True, mask=mask, num_items=num_items
         )
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature("temperature", temperature)
-    log_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
-    log_t = F.log_softmax(_as_float(teacher_logits) / temperature, dim=-1)
+    log_s, log_t = _softened(student_logits, teacher_logits, temperature, log=True)
     # clamp: a class masked (-inf) in both inputs would otherwise make logsumexp's gradient nan
     log_m = torch.logsumexp(
         torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]).clamp(min=torch.finfo(log_s.dtype).min),
@@ -298,11 +306,8 @@ def skew_kl(
     Returns:
         A scalar tensor.
     """
-    _check_pair(student_logits, teacher_logits)
     _check_unit("alpha", alpha, open_right=True)
-    _check_temperature("temperature", temperature)
-    log_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
-    log_t = F.log_softmax(_as_float(teacher_logits) / temperature, dim=-1)
+    log_s, log_t = _softened(student_logits, teacher_logits, temperature, log=True)
     first, second = (log_s, log_t) if reverse else (log_t, log_s)
     if alpha == 0.0:
         log_mix = second
@@ -356,10 +361,7 @@ def tvd(
     Returns:
         A scalar tensor.
     """
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature("temperature", temperature)
-    p_s = F.softmax(_as_float(student_logits) / temperature, dim=-1)
-    p_t = F.softmax(_as_float(teacher_logits) / temperature, dim=-1)
+    p_s, p_t = _softened(student_logits, teacher_logits, temperature, log=False)
     return _total((p_t - p_s).abs(), mask, num_items, 0.5 * temperature**2)
 
 
@@ -386,10 +388,7 @@ def softmax_mse(
     Returns:
         A scalar tensor.
     """
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature("temperature", temperature)
-    p_s = F.softmax(_as_float(student_logits) / temperature, dim=-1)
-    p_t = F.softmax(_as_float(teacher_logits) / temperature, dim=-1).to(p_s.dtype)
+    p_s, p_t = _softened(student_logits, teacher_logits, temperature, log=False)
     return _total((p_s - p_t).square(), mask, num_items, temperature**2 / p_s.shape[-1])
 
 
