@@ -43,7 +43,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mentor import losses
@@ -96,8 +95,8 @@ def token_uncertainty(
             raise ValueError(
                 f"targets {tuple(targets.shape)} must match the logits' items {tuple(teacher_logits.shape[:-1])}"
             )
-        log_p = F.log_softmax(z / temperature, dim=-1)
-        p_y = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1).exp()
+        # p_teacher(y) = exp(-CE(z / T, y)): the cross-entropy of mentor.losses, per token
+        p_y = torch.exp(-losses.cross_entropy_per_item(z / temperature, targets.long()))
         return (1.0 - p_y).clamp(min=0.0)
 
 
