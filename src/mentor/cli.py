@@ -80,7 +80,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     student = build_student(cfg)
     load_model_weights(student, run_dir / "student.safetensors")
     has_network = cfg.teacher is not None and (cfg.teacher.run is not None or cfg.teacher.checkpoint is not None)
-    has_network = has_network and cfg.recipe.name != "cross_tokenizer_kd"  # another tokenizer: no agreement / KL
+    has_network = has_network and cfg.teacher_shares_vocabulary  # another tokenizer: no agreement / KL
     teacher = Frozen(load_teacher(cfg.teacher)) if has_network else None  # type: ignore[arg-type]
     _, test = load_data(cfg)
     metrics = {"name": cfg.name, **evaluate(student, test, teacher, timing=True)}

@@ -300,6 +300,12 @@ class RunConfig(_Strict):
     def run_dir(self) -> Path:
         return Path(self.train.out) / self.name
 
+    @property
+    def teacher_shares_vocabulary(self) -> bool:
+        """Whether the student's and the teacher's outputs are over the same classes, so that evaluation can
+        compare them (agreement, KL). False for ``cross_tokenizer_kd``: a teacher with its own tokenizer."""
+        return self.recipe.name != "cross_tokenizer_kd"
+
 
 def _describe(error: ValidationError) -> str:
     lines = []

@@ -474,9 +474,8 @@ def _write_lm_report(
 
     recorded, source = _recorded_metrics(run_dir, rows)
     # A teacher with another tokenizer (cross_tokenizer_kd) has other logits: no token-for-token agreement or KL.
-    same_vocabulary = cfg.recipe.name != "cross_tokenizer_kd"
-    fresh = evaluate_lm(student, test, Frozen(teacher_model) if teacher_model is not None and same_vocabulary
-                        else None)
+    compared = Frozen(teacher_model) if teacher_model is not None and cfg.teacher_shares_vocabulary else None
+    fresh = evaluate_lm(student, test, compared)
     metrics = {key: recorded.get(key, fresh.get(key)) for key, _ in _LM_METRICS}
     plots_dir = run_dir / "plots"
     plots: list[tuple[str, str]] = []
