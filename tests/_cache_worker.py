@@ -60,4 +60,9 @@ def main(spec: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(Path(sys.argv[1]).read_text()))
+    try:
+        main(json.loads(Path(sys.argv[1]).read_text()))
+    finally:
+        from _worker_common import close_process_group
+
+        close_process_group()

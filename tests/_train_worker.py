@@ -207,4 +207,9 @@ def main(spec_path: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1])
+    try:
+        main(sys.argv[1])
+    finally:
+        from _worker_common import close_process_group
+
+        close_process_group()
