@@ -60,9 +60,6 @@ def main(spec: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(json.loads(Path(sys.argv[1]).read_text()))
-    finally:
-        from _worker_common import close_process_group
+    from _worker_common import run
 
-        close_process_group()
+    run(main, json.loads(Path(sys.argv[1]).read_text()))

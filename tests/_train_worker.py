@@ -207,9 +207,6 @@ def main(spec_path: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    try:
-        main(sys.argv[1])
-    finally:
-        from _worker_common import close_process_group
+    from _worker_common import run
 
-        close_process_group()
+    run(main, sys.argv[1])
