@@ -77,6 +77,8 @@ def _as_float(x: Tensor) -> Tensor:
 
 
 def _check_temperature(name: str, value: float) -> None:
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, without the ABC isinstance checks
+        return
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
@@ -227,7 +229,8 @@ def kl_div(
     # Forward KL through the fused kernel (one op instead of five). Clamping -inf log-probabilities to the
     # smallest finite value keeps 0 * log 0 = 0 (a class masked in the teacher, or in both models) exact, with
     # zero gradient there; only a class masked in the student alone but not in the teacher, where the true value
-    # is +inf, comes out as a huge finite number instead.
+    # is +inf, comes out as a huge finite number instead. (Probability targets through xlogy would save the
+    # teacher's clamp, but give a NaN gradient to a teacher with a graph, a peer, where its softmax underflows.)
     lowest = torch.finfo(log_t.dtype).min
     log_t, log_s = log_t.clamp(min=lowest), log_s.clamp(min=lowest)
     if mask is None and not isinstance(num_items, Tensor):
@@ -470,18 +473,30 @@ def cross_entropy(
     # One fused kernel over the kept items; with smoothing e it sums (1 - e) * nll - e * mean_c log p. Items not
     # kept get a label the kernel skips: -1 when every negative label is to be dropped (a single clamp maps them
     # all to -1), else ignore_index. An out-of-range label makes the kernel raise.
-    if ignore_index < 0:
-        skip = -1
-        safe = (target if mask is None else torch.where(mask.to(torch.bool), target, skip)).clamp(min=skip)
-    else:
-        skip = ignore_index
-        keep_ = (target >= 0) if mask is None else (target >= 0) & mask.to(torch.bool)
-        safe = torch.where(keep_, target, skip)
+    flat = logits if logits.dim() == 2 else logits.reshape(-1, num_classes)  # no view node for [B, C]
     try:
-        total = F.cross_entropy(
-            logits.reshape(-1, num_classes), safe.reshape(-1), ignore_index=skip, reduction="sum",
-            label_smoothing=label_smoothing,
-        )
+        if ignore_index < 0 and mask is None and target.dim() == 1:
+            # Item labels are in {-1 (UNLABELLED), 0 .. C-1} and need no rewriting; any other negative label makes
+            # the kernel raise, and the batch takes the clamped path. (Sequence labels, padded with -100, always
+            # take it: an exception per call would cost more than the clamp.)
+            skip, safe = -1, target
+            try:
+                total = F.cross_entropy(flat, target.reshape(-1), ignore_index=-1, reduction="sum",
+                                        label_smoothing=label_smoothing)
+            except (IndexError, RuntimeError):
+                safe = target.clamp(min=-1)
+                total = F.cross_entropy(flat, safe.reshape(-1), ignore_index=-1, reduction="sum",
+                                        label_smoothing=label_smoothing)
+        else:
+            if ignore_index < 0:
+                skip = -1
+                safe = (target if mask is None else torch.where(mask.to(torch.bool), target, skip)).clamp(min=skip)
+            else:
+                skip = ignore_index
+                keep_ = (target >= 0) if mask is None else (target >= 0) & mask.to(torch.bool)
+                safe = torch.where(keep_, target, skip)
+            total = F.cross_entropy(flat, safe.reshape(-1), ignore_index=skip, reduction="sum",
+                                    label_smoothing=label_smoothing)
     except (IndexError, RuntimeError) as err:
         keep = safe >= 0 if skip < 0 else safe != skip
         bad = int(target[keep].max()) if bool(keep.any()) else -1

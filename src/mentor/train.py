@@ -874,7 +874,8 @@ def fit(
             running.append(step_values)
             bar.update(1)
             if step % log_every == 0 or step == total_steps:
-                means = torch.stack([torch.stack(v) for v in running]).mean(dim=0)
+                # One stack of every step's values (not one per step): [steps, terms], then the mean per term.
+                means = torch.stack([v for values in running for v in values]).view(len(running), -1).mean(dim=0)
                 reduced = accelerator.reduce(means, "sum").tolist()
                 row: dict[str, Any] = {"step": step, "epoch": epoch, "split": "train",
                                        "elapsed_s": elapsed_before + time.perf_counter() - started,
