@@ -10,6 +10,7 @@ the same math is checked: their gradients on one batch agree to float rounding.
 
     python bench/overhead.py            # full (about 5 minutes)
     python bench/overhead.py --quick    # the same comparison, smaller (< 60 s)
+    python bench/overhead.py --repeats 24   # more interleaved repeats, for a noisy machine
 """
 
 from __future__ import annotations
@@ -130,9 +131,14 @@ def time_teacher(teacher: torch.nn.Module, ds: data.TensorData, steps: int, batc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 60 s)")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help="interleaved repeats per student (default 8; quick: 4); more on a noisy machine")
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 2:
+        parser.error(f"--repeats must be >= 2, got {args.repeats}")
     torch.set_num_threads(1)
     steps, warm, reps = (150, 30, 4) if args.quick else (600, 100, 8)
+    reps = args.repeats or reps
     malloc_fixed = stable_malloc()  # glibc's moving mmap threshold otherwise skews early repeats
     ds = data.mnist1d("train")
     out: dict[str, object] = {"benchmark": "overhead", "malloc_thresholds_fixed": malloc_fixed,

@@ -601,3 +601,11 @@ def test_wrong_feature_layer_fails_before_the_run_directory_is_written(tmp_path:
     with pytest.raises(ValueError, match=r"teacher feature: .*'conv9'.*conv1"):
         run(cfg)
     assert not (tmp_path / "fit").exists()
+
+
+def test_supervised_augment_must_be_a_preset(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, recipe={"name": "supervised", "args": {"augment": "shift"}})
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(cfg)
+    assert "augment must be one of none, weak, strong, weak_image, strong_image, got 'shift'" in str(info.value)
+    assert_nothing_written(run_dir(tmp_path))
