@@ -35,6 +35,7 @@ bench: install
 	.venv-bench/bin/python bench/kd_mnist1d.py
 	$(BIN)/python bench/soft_vs_hard.py
 	$(BIN)/python bench/catalogue_mnist1d.py
+	$(BIN)/python bench/catalogue_tuned.py --pairs cnn mlp
 	$(BIN)/python bench/select_students.py
 	$(BIN)/python bench/quant_mnist1d.py
 	$(BIN)/python bench/cache.py
@@ -48,6 +49,7 @@ bench-quick: install
 	.venv-bench/bin/python bench/kd_mnist1d.py --quick
 	$(BIN)/python bench/soft_vs_hard.py --quick
 	$(BIN)/python bench/catalogue_mnist1d.py --quick
+	$(BIN)/python bench/catalogue_tuned.py --quick --pairs cnn mlp
 	$(BIN)/python bench/select_students.py --quick
 	$(BIN)/python bench/quant_mnist1d.py --quick
 	$(BIN)/python bench/cache.py --quick
