@@ -62,3 +62,10 @@ def test_the_student_trains_on_the_seeded_weak_view_of_each_item() -> None:
             ratios = [(r.abs().sort().values / row.abs().sort().values) for row in raw]
             assert any(bool((q - q.mean()).abs().max() < 1e-4) and 0.9 - 1e-6 <= float(q.mean()) <= 1.1 + 1e-6
                        for q in ratios)
+
+
+def test_preset_names_a_bad_preset() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="augmentation preset 'medium': expected one of weak, strong, weak_image"):
+        views.preset("medium")

@@ -274,21 +274,13 @@ def cross_tokenizer_teacher(cfg: RunConfig, model: nn.Module) -> Teacher:
         raise ConfigError(f"teacher.tokenizer = {source!r}: {err}") from None
 
 
-AUGMENT_PRESETS = ("weak", "strong", "weak_image", "strong_image")
-
-
 def build_augment(name: str) -> Any:
-    """A per-item seeded augmentation by preset name: ``weak`` / ``strong`` (1-D signals, as MNIST-1D) or
-    ``weak_image`` / ``strong_image`` (see :func:`mentor.views.weak` and :func:`mentor.views.strong`)."""
+    """The per-item seeded augmentation of ``cache.augment`` (a preset of :func:`mentor.views.preset`)."""
     from mentor import views
 
-    if name not in AUGMENT_PRESETS:
-        raise ConfigError(f"cache.augment = {name!r}: expected one of {', '.join(AUGMENT_PRESETS)}")
-    strength, _, kind = name.partition("_")
-    image = kind == "image"
-    if strength == "weak":
-        return views.weak("image" if image else "signal")
-    return views.strong("image" if image else "signal")
+    if name not in views.PRESETS:
+        raise ConfigError(f"cache.augment = {name!r}: expected one of {', '.join(views.PRESETS)}")
+    return views.preset(name)
 
 
 def _labels_only(method: Method) -> Method:

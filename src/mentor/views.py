@@ -60,6 +60,8 @@ __all__ = [
     "image_ops",
     "weak",
     "strong",
+    "PRESETS",
+    "preset",
     "Views",
     "PerItemTransform",
     "Mixed",
@@ -647,6 +649,18 @@ def strong(kind: Kind, n: int = 2, magnitude: float = 0.5) -> Compose:
     _check_kind(kind)
     ops = signal_ops(magnitude) if kind == "signal" else image_ops(magnitude)
     return Compose((*weak(kind).ops, RandAugment(ops, n), Cutout(0.25)))
+
+
+PRESETS = ("weak", "strong", "weak_image", "strong_image")
+
+
+def preset(name: str) -> Compose:
+    """An augmentation by the preset name configs use: ``"weak"`` / ``"strong"`` (1-D signals, as MNIST-1D) or
+    ``"weak_image"`` / ``"strong_image"`` (:func:`weak` and :func:`strong` with their defaults)."""
+    if name not in PRESETS:
+        raise ValueError(f"augmentation preset {name!r}: expected one of {', '.join(PRESETS)}")
+    strength, _, kind = name.partition("_")
+    return (weak if strength == "weak" else strong)("image" if kind else "signal")
 
 
 # ----------------------------------------------------------------------------------------------------------------

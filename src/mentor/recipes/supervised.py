@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from mentor import losses
+from mentor import losses, views
 from mentor.method import Method, Term
 
-AUGMENTS = ("none", "weak", "strong", "weak_image", "strong_image")
+AUGMENTS = ("none", *views.PRESETS)
 
 
 def supervised(label_smoothing: float = 0.0, augment: str = "none") -> Method:
@@ -23,19 +23,12 @@ def supervised(label_smoothing: float = 0.0, augment: str = "none") -> Method:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    student_views = None
-    if augment != "none":
-        from mentor import views
-
-        strength, _, kind = augment.partition("_")
-        view = views.weak if strength == "weak" else views.strong
-        student_views = views.Views(student=view("image" if kind else "signal"))
     return Method(
         name="supervised",
         terms=(
             Term("ce", losses.cross_entropy, target="label", items="labelled",
                  kwargs={"label_smoothing": label_smoothing}),
         ),
-        views=student_views,
+        views=None if augment == "none" else views.Views(student=views.preset(augment)),
         description="cross-entropy on labels, no teacher (the baseline; also trains teachers)",
     )
