@@ -62,11 +62,12 @@ def methods(steps_per_epoch: int, cnn_student: bool, mlp_depth: int = 3) -> dict
 SIMKD = "SimKD"
 
 
-def train_teacher(labelled: data.TensorData, epochs: int, batch: int) -> torch.nn.Module:
-    """The CNN teacher (``CNN1d``, 25 channels): ``supervised``, AdamW cosine at lr 1e-2, seed 1234."""
+def train_teacher(labelled: data.TensorData, epochs: int, batch: int, augment: str = "none") -> torch.nn.Module:
+    """The CNN teacher of the MNIST-1D benchmarks (``CNN1d``, 25 channels): ``supervised(augment=augment)``, AdamW
+    cosine at lr 1e-2, seed 1234."""
     torch.manual_seed(1234)
     teacher_model = models.CNN1d()
-    train.fit(teacher_model, recipes.supervised(), labelled, epochs=epochs, batch_size=batch,
+    train.fit(teacher_model, recipes.supervised(augment=augment), labelled, epochs=epochs, batch_size=batch,
               optim=train.Optim(lr=1e-2, schedule="cosine"), seed=1234, progress=False, log_every=10_000)
     return teacher_model
 

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_section
+from catalogue_mnist1d import train_teacher
 
 from mentor import data, models, recipes, teachers, train
 from mentor.eval import evaluate
@@ -63,10 +64,7 @@ def main() -> None:
     labelled, test = data.mnist1d("train"), data.mnist1d("test")
     sizes = args.sizes or [size]
     full = data.mnist1d_transfer(max(size, *sizes), seed=0)
-    torch.manual_seed(1234)
-    teacher_model = models.CNN1d()
-    train.fit(teacher_model, recipes.supervised(), labelled, epochs=teacher_epochs, batch_size=100,
-              optim=train.Optim(lr=1e-2, schedule="cosine"), seed=1234, progress=False, log_every=10_000)
+    teacher_model = train_teacher(labelled, teacher_epochs, 100)
     teacher = teachers.Frozen(teacher_model)
     teacher_acc = evaluate(teacher_model, test)["accuracy"]
 
